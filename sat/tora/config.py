@@ -1,0 +1,563 @@
+"""Configuration: stacked YAML files + command-line overrides, validated against one typed schema.
+
+Configs are the interface of this project.  The schema below mirrors the official Tora/CogVideoX
+YAML layout (``model.network_config.params.*``, ``model.sampler_config.params.*`` ...) so the values of
+an existing official config carry over; every official quirk that used to be a hidden constant is a
+named setting whose default is the official value.
+
+    cfg = load_config(["configs/tora/model/cogvideox_5b_tora.yaml", "configs/tora/inference.yaml"],
+                      overrides=["model.sampler_config.params.num_steps=20"])
+
+Later files override earlier ones, overrides override files.  An unknown key, a value of the wrong
+type or an unknown ``target`` is a :class:`ConfigError` naming the key path and the file (or
+"command line") it came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and source in the message."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The DiT (network_config)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TransformerArgs:
+    checkpoint_activations: bool = False
+    vocab_size: int = 1
+    max_sequence_length: int = 64  # size of SAT's (unused, but checkpointed) position table
+    layernorm_order: str = "pre"
+    skip_init: bool = False
+    model_parallel_size: int = 1
+    is_decoder: bool = False
+    # The official DiT asks for 1e-6, but SAT's own ``layernorm_epsilon`` (default 1e-5) overrides it
+    # for input/post-attention/final layer norms; the released weights were trained with 1e-5.
+    layernorm_epsilon: float = 1e-5
+    # Filled in by the official code at run time (present in dumped configs); must agree if given.
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    parallel_output: Optional[bool] = None
+
+
+@dataclass
+class PosEmbedParams:
+    hidden_size_head: int = 64
+    text_length: int = 226
+    # I2V checkpoints carry a learnable table; the official Tora code never adds it (spec 2.6).
+    learnable_pos_embed: bool = False
+    add_learnable_pos_embed: bool = False  # True would follow THUDM's CogVideoX-I2V instead of Tora
+    theta: float = 10000.0
+
+
+@dataclass
+class PosEmbedConfig:
+    target: Optional[str] = None
+    params: PosEmbedParams = field(default_factory=PosEmbedParams)
+
+
+@dataclass
+class PatchEmbedParams:
+    text_hidden_size: int = 4096
+
+
+@dataclass
+class PatchEmbedConfig:
+    target: Optional[str] = None
+    params: PatchEmbedParams = field(default_factory=PatchEmbedParams)
+
+
+@dataclass
+class AdaLNParams:
+    qk_ln: bool = True
+    qk_layernorm_epsilon: float = 1e-6
+
+
+@dataclass
+class AdaLNConfig:
+    target: Optional[str] = None
+    params: AdaLNParams = field(default_factory=AdaLNParams)
+
+
+@dataclass
+class FinalLayerParams:
+    layernorm_epsilon: float = 1e-6
+
+
+@dataclass
+class FinalLayerConfig:
+    target: Optional[str] = None
+    params: FinalLayerParams = field(default_factory=FinalLayerParams)
+
+
+@dataclass
+class DiTModules:
+    pos_embed_config: PosEmbedConfig = field(default_factory=PosEmbedConfig)
+    patch_embed_config: PatchEmbedConfig = field(default_factory=PatchEmbedConfig)
+    adaln_layer_config: AdaLNConfig = field(default_factory=AdaLNConfig)
+    final_layer_config: FinalLayerConfig = field(default_factory=FinalLayerConfig)
+
+
+@dataclass
+class TrajExtractorParams:
+    """Trajectory extractor (official values were hard-coded in the DiT constructor)."""
+    channels: int = 128  # feature width of every level
+    num_res_blocks: int = 2  # ResNet blocks per level; one level per transformer layer
+    latent_channels: int = 16  # motion latents come from the 16-channel VAE
+    downscale: int = 2  # pixel-unshuffle factor (= DiT patch size)
+
+
+@dataclass
+class FuserParams:
+    """Motion-guidance fuser: h + GroupNorm(h) * gamma + beta."""
+    num_groups: int = 32
+    eps: float = 1e-5
+    temporal_padding: str = "replicate"
+
+
+@dataclass
+class DiTParams:
+    time_embed_dim: int = 512
+    elementwise_affine: bool = True
+    num_frames: int = 49
+    time_compressed_rate: int = 4
+    latent_width: int = 90
+    latent_height: int = 60
+    num_layers: int = 42
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    hidden_size: int = 3072
+    adm_in_channels: Optional[int] = 256  # declared by the official config, unused
+    num_attention_heads: int = 48
+    transformer_args: TransformerArgs = field(default_factory=TransformerArgs)
+    modules: DiTModules = field(default_factory=DiTModules)
+    traj_extractor: TrajExtractorParams = field(default_factory=TrajExtractorParams)
+    fuser: FuserParams = field(default_factory=FuserParams)
+
+
+@dataclass
+class NetworkConfig:
+    target: Optional[str] = None
+    params: DiTParams = field(default_factory=DiTParams)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion: discretisation, denoiser, sampler, guidance, loss
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DiscretizationParams:
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    num_timesteps: int = 1000
+    shift_scale: float = 1.0
+
+
+@dataclass
+class DiscretizationConfig:
+    target: Optional[str] = None
+    params: DiscretizationParams = field(default_factory=DiscretizationParams)
+
+
+@dataclass
+class TargetOnly:
+    target: Optional[str] = None
+
+
+@dataclass
+class DenoiserParams:
+    num_idx: int = 1000
+    quantize_c_noise: bool = False
+    weighting_config: TargetOnly = field(default_factory=TargetOnly)
+    scaling_config: TargetOnly = field(default_factory=TargetOnly)
+    discretization_config: DiscretizationConfig = field(default_factory=DiscretizationConfig)
+
+
+@dataclass
+class DenoiserConfig:
+    target: Optional[str] = None
+    params: DenoiserParams = field(default_factory=DenoiserParams)
+
+
+@dataclass
+class GuiderParams:
+    scale: float = 6.0
+    exp: float = 5.0
+    num_steps: int = 50
+    # The official sampler feeds DynamicCFG the DDPM timestep instead of the step index, which makes
+    # the scale jump pseudo-randomly in [1, 7] (THUDM calls it deliberate).  "timestep" = official.
+    step_input: str = "timestep"
+
+
+@dataclass
+class GuiderConfig:
+    target: Optional[str] = None  # DynamicCFG (default) or VanillaCFG
+    params: GuiderParams = field(default_factory=GuiderParams)
+
+
+@dataclass
+class SamplerParams:
+    num_steps: int = 50
+    verbose: bool = True
+    discretization_config: DiscretizationConfig = field(default_factory=DiscretizationConfig)
+    guider_config: GuiderConfig = field(default_factory=GuiderConfig)
+
+
+@dataclass
+class SamplerConfig:
+    target: Optional[str] = None
+    params: SamplerParams = field(default_factory=SamplerParams)
+
+
+@dataclass
+class SigmaSamplerParams:
+    uniform_sampling: bool = True
+    num_idx: int = 1000
+    discretization_config: DiscretizationConfig = field(default_factory=DiscretizationConfig)
+
+
+@dataclass
+class SigmaSamplerConfig:
+    target: Optional[str] = None
+    params: SigmaSamplerParams = field(default_factory=SigmaSamplerParams)
+
+
+@dataclass
+class LossParams:
+    offset_noise_level: float = 0.0
+    sigma_sampler_config: SigmaSamplerConfig = field(default_factory=SigmaSamplerConfig)
+
+
+@dataclass
+class LossConfig:
+    target: Optional[str] = None
+    params: LossParams = field(default_factory=LossParams)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text encoder and VAE
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class T5Params:
+    model_dir: str = "ckpts/t5-v1_1-xxl"
+    max_length: int = 226
+
+
+@dataclass
+class EmbedderConfig:
+    target: Optional[str] = None
+    is_trainable: bool = False
+    input_key: str = "txt"
+    ucg_rate: float = 0.1
+    params: T5Params = field(default_factory=T5Params)
+
+
+@dataclass
+class ConditionerParams:
+    emb_models: List[EmbedderConfig] = field(default_factory=lambda: [EmbedderConfig()])
+
+
+@dataclass
+class ConditionerConfig:
+    target: Optional[str] = None
+    params: ConditionerParams = field(default_factory=ConditionerParams)
+
+
+@dataclass
+class VAECoderParams:
+    double_z: bool = True
+    z_channels: int = 16
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    attn_resolutions: List[int] = field(default_factory=list)
+    num_res_blocks: int = 3
+    dropout: float = 0.0
+    gather_norm: bool = True
+
+
+@dataclass
+class VAECoderConfig:
+    target: Optional[str] = None
+    params: VAECoderParams = field(default_factory=VAECoderParams)
+
+
+@dataclass
+class VAEParams:
+    cp_size: int = 1
+    ckpt_path: Optional[str] = "ckpts/vae/3d-vae.pt"
+    ignore_keys: List[str] = field(default_factory=lambda: ["loss"])
+    loss_config: TargetOnly = field(default_factory=TargetOnly)
+    regularizer_config: TargetOnly = field(default_factory=TargetOnly)
+    encoder_config: VAECoderConfig = field(default_factory=VAECoderConfig)
+    decoder_config: VAECoderConfig = field(default_factory=lambda: VAECoderConfig(
+        params=VAECoderParams(gather_norm=False)))
+    # Decoding schedule of the official sample_video.py: the first chunk holds this many latent
+    # frames, every later chunk ``decode_chunk_latent_frames``; the causal-conv cache links them.
+    decode_first_chunk_latent_frames: int = 3
+    decode_chunk_latent_frames: int = 2
+    # Spatial tiling of the decoder (memory saver, not bit-identical): 0 disables.
+    decode_tile_latent_size: int = 0
+    encode_one_pass: bool = True  # official: all frames in one encoder call (diffusers: 8-frame batches)
+
+
+@dataclass
+class VAEConfig:
+    target: Optional[str] = None
+    params: VAEParams = field(default_factory=VAEParams)
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class MotionConfig:
+    """How motion (trajectory) conditioning is prepared and cached."""
+    # Cache across denoising steps: "modulation" = extractor output and every layer's gamma/beta
+    # (fastest; 2 x layers x tokens x hidden extra memory), "features" = extractor output only,
+    # "none" = recompute every step (the official behaviour).  "auto" picks "modulation" when it fits.
+    cache: str = "auto"
+    cache_budget_gib: float = 20.0  # "auto" caches gamma/beta only below this size
+    # Official: the conditional and unconditional CFG halves get separate VAE posterior samples of
+    # the motion video.  False shares one sample (half the extractor/fuser work).
+    separate_cfg_samples: bool = True
+
+
+@dataclass
+class ModelConfig:
+    scale_factor: float = 0.7
+    disable_first_stage_autocast: bool = True
+    log_keys: List[str] = field(default_factory=lambda: ["txt"])
+    en_and_decode_n_samples_a_time: int = 1
+    # I2V
+    noised_image_input: bool = False
+    noised_image_dropout: float = 0.05
+    noised_image_all_concat: bool = False
+    latent_input: bool = False
+    # Training: regexes on module names of the DiT that get gradients.
+    trainable_modules: List[str] = field(default_factory=lambda: ["fuser", "traj_extractor"])
+    network_config: NetworkConfig = field(default_factory=NetworkConfig)
+    denoiser_config: DenoiserConfig = field(default_factory=DenoiserConfig)
+    sampler_config: SamplerConfig = field(default_factory=SamplerConfig)
+    loss_fn_config: LossConfig = field(default_factory=LossConfig)
+    conditioner_config: ConditionerConfig = field(default_factory=ConditionerConfig)
+    first_stage_config: VAEConfig = field(default_factory=VAEConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+
+
+@dataclass
+class TrajectoryConfig:
+    """Trajectory point files -> sparse flow (see tora.trajectory)."""
+    canvas_width: int = 256  # point files are drawn on this canvas (official: 256 x 256)
+    canvas_height: int = 256
+    blur_kernel_size: int = 99
+    blur_sigma: float = 10.0
+    # Points outside the canvas: "error" (default) or "clamp" (with a warning).
+    out_of_canvas: str = "error"
+    # "official": >F points are sub-sampled then truncated, equal points per segment;
+    # "uniform": resample at constant speed along the path.
+    resample: str = "official"
+
+
+@dataclass
+class ToraConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    args: Any = field(default_factory=dict)  # run settings of the entry scripts (validated there)
+    data: Any = field(default_factory=dict)  # training data (validated by tora.data)
+    deepspeed: Any = field(default_factory=dict)  # passed to DeepSpeed as is
+
+
+# ----------------------------------------------------------------------------------------------
+# Accepted ``target`` values: the official class paths and this project's names.
+# ----------------------------------------------------------------------------------------------
+
+TARGETS = {
+    "model.network_config": ["dit_video_concat.DiffusionTransformer", "tora.dit.DiffusionTransformer"],
+    "model.network_config.params.modules.pos_embed_config": [
+        "dit_video_concat.Rotary3DPositionEmbeddingMixin", "tora.dit.Rotary3DPositionEmbeddingMixin"],
+    "model.network_config.params.modules.patch_embed_config": [
+        "dit_video_concat.ImagePatchEmbeddingMixin", "tora.dit.ImagePatchEmbeddingMixin"],
+    "model.network_config.params.modules.adaln_layer_config": [
+        "dit_video_concat.AdaLNMixin", "tora.dit.AdaLNMixin"],
+    "model.network_config.params.modules.final_layer_config": [
+        "dit_video_concat.FinalLayerMixin", "tora.dit.FinalLayerMixin"],
+    "*.discretization_config": [
+        "sgm.modules.diffusionmodules.discretizer.ZeroSNRDDPMDiscretization",
+        "tora.diffusion.ZeroSNRDDPMDiscretization"],
+    "model.denoiser_config": ["sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
+                              "tora.diffusion.DiscreteDenoiser"],
+    "model.denoiser_config.params.weighting_config": [
+        "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting", "tora.diffusion.EpsWeighting"],
+    "model.denoiser_config.params.scaling_config": [
+        "sgm.modules.diffusionmodules.denoiser_scaling.VideoScaling", "tora.diffusion.VideoScaling"],
+    "model.sampler_config": ["sgm.modules.diffusionmodules.sampling.VPSDEDPMPP2MSampler",
+                             "tora.diffusion.VPSDEDPMPP2MSampler"],
+    "model.sampler_config.params.guider_config": [
+        "sgm.modules.diffusionmodules.guiders.DynamicCFG", "tora.diffusion.DynamicCFG",
+        "sgm.modules.diffusionmodules.guiders.VanillaCFG", "tora.diffusion.VanillaCFG"],
+    "model.loss_fn_config": ["sgm.modules.diffusionmodules.loss.VideoDiffusionLoss",
+                             "tora.diffusion.VideoDiffusionLoss"],
+    "model.loss_fn_config.params.sigma_sampler_config": [
+        "sgm.modules.diffusionmodules.sigma_sampling.DiscreteSampling", "tora.diffusion.DiscreteSampling"],
+    "model.conditioner_config": ["sgm.modules.GeneralConditioner", "tora.text.GeneralConditioner"],
+    "model.conditioner_config.params.emb_models": [
+        "sgm.modules.encoders.modules.FrozenT5Embedder", "tora.text.FrozenT5Embedder"],
+    "model.first_stage_config": ["vae_modules.autoencoder.VideoAutoencoderInferenceWrapper",
+                                 "tora.vae.VideoAutoencoder"],
+    "model.first_stage_config.params.encoder_config": [
+        "vae_modules.cp_enc_dec.ContextParallelEncoder3D", "tora.vae.Encoder3D"],
+    "model.first_stage_config.params.decoder_config": [
+        "vae_modules.cp_enc_dec.ContextParallelDecoder3D", "tora.vae.Decoder3D"],
+    "model.first_stage_config.params.loss_config": ["torch.nn.Identity"],
+    "model.first_stage_config.params.regularizer_config": [
+        "vae_modules.regularizers.DiagonalGaussianRegularizer", "tora.vae.DiagonalGaussianRegularizer"],
+}
+
+CHOICES = {
+    "model.network_config.params.transformer_args.layernorm_order": ["pre"],
+    "model.network_config.params.fuser.temporal_padding": ["replicate", "zeros"],
+    "model.sampler_config.params.guider_config.params.step_input": ["timestep", "step_index"],
+    "model.motion.cache": ["auto", "modulation", "features", "none"],
+    "trajectory.out_of_canvas": ["error", "clamp"],
+    "trajectory.resample": ["official", "uniform"],
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def _describe(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).split("\n")[0]
+    if "not in" in msg and key:
+        return f"unknown config key '{key}' (in {source})"
+    if key:
+        return f"invalid value for '{key}' (in {source}): {msg}"
+    return f"invalid config (in {source}): {msg}"
+
+
+def schema() -> DictConfig:
+    cfg = OmegaConf.structured(ToraConfig)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def merge(cfg: DictConfig, update: DictConfig | dict, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, update)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError carries the line number
+        raise ConfigError(f"cannot parse config file {path}: {err}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = (),
+                extra: dict | None = None) -> DictConfig:
+    """Merge ``files`` (in order) and dotlist ``overrides`` onto the schema and validate."""
+    cfg = schema()
+    for path in files:
+        cfg = merge(cfg, load_yaml(path), str(path))
+    if extra:
+        cfg = merge(cfg, extra, "program defaults")
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"command-line override must look like key.path=value, got {bad[0]!r}")
+        cfg = merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+    validate(cfg)
+    return cfg
+
+
+def _targets(node, path=""):
+    """Yield (owner path, target) for every ``target`` key; list items share their list's path."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "target":
+                if value is not None:
+                    yield path, value
+            else:
+                yield from _targets(value, f"{path}.{key}" if path else key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _targets(item, path)
+
+
+def _allowed_targets(owner: str):
+    for pattern, allowed in TARGETS.items():
+        if owner == pattern or (pattern.startswith("*") and owner.endswith(pattern[1:])):
+            return allowed
+    return []
+
+
+def validate(cfg: DictConfig) -> None:
+    for owner, value in _targets(OmegaConf.to_container(cfg)):
+        allowed = _allowed_targets(owner)
+        if value not in allowed:
+            raise ConfigError(f"unsupported target '{value}' at '{owner}.target'; accepted: "
+                              f"{', '.join(allowed) or '(no target key here)'}")
+    for path, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, path)
+        if value not in allowed:
+            raise ConfigError(f"invalid value {value!r} for '{path}'; choose one of {allowed}")
+    p = cfg.model.network_config.params
+    targs = p.transformer_args
+    for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        given = targs[name]
+        if given is not None and given != p[name]:
+            raise ConfigError(f"'model.network_config.params.transformer_args.{name}' = {given} "
+                              f"disagrees with 'model.network_config.params.{name}' = {p[name]}")
+    if p.hidden_size % p.num_attention_heads:
+        raise ConfigError(f"hidden_size {p.hidden_size} is not divisible by num_attention_heads "
+                          f"{p.num_attention_heads} (model.network_config.params)")
+    head = p.modules.pos_embed_config.params.hidden_size_head
+    if head * p.num_attention_heads != p.hidden_size:
+        raise ConfigError(f"'model.network_config.params.modules.pos_embed_config.params.hidden_size_head'"
+                          f" = {head}, but hidden_size/num_attention_heads = "
+                          f"{p.hidden_size // p.num_attention_heads}")
+    if head % 8:
+        raise ConfigError(f"hidden_size_head {head} must be a multiple of 8 for the 3-D rotary split")
+    if (p.num_frames - 1) % p.time_compressed_rate:
+        raise ConfigError(f"num_frames {p.num_frames} must be 1 + k * time_compressed_rate "
+                          f"({p.time_compressed_rate}) (model.network_config.params)")
+
+
+def network_params(cfg: DictConfig) -> DictConfig:
+    return cfg.model.network_config.params
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def network_params_from(params: dict, source: str = "network_config.params") -> DictConfig:
+    """Validated DiT params from a plain ``network_config.params`` mapping (e.g. a dumped config)."""
+    cfg = merge(schema(), {"model": {"network_config": {"params": params}}}, source)
+    validate(cfg)
+    return cfg.model.network_config.params

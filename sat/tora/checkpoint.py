@@ -138,9 +138,15 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
         for key, target in expected.items():
             if key in state:
                 target.copy_(state[key])
-    pos = getattr(getattr(model, "mixins", {}), "get", lambda *_: None)("pos_embed")
-    if pos is not None and "mixins.pos_embed.freqs_cos" not in state:
-        pos.reset_rope_tables()
+    if not any(k.endswith("freqs_cos") for k in state):
+        reset_derived_buffers(model)
+
+
+def reset_derived_buffers(model: torch.nn.Module) -> None:
+    """Recompute buffers that are a function of the config (the rotary tables)."""
+    for module in model.modules():
+        if hasattr(module, "reset_rope_tables"):
+            module.reset_rope_tables()
 
 
 def save_checkpoint(state_dict: dict[str, torch.Tensor], folder: str | os.PathLike, iteration: int,
@@ -213,7 +219,5 @@ def materialize(model: torch.nn.Module, device, dtype: torch.dtype | None = None
     model = model.to_empty(device=device)
     if dtype is not None:
         model = model.to(dtype)
-    for module in model.modules():
-        if hasattr(module, "reset_rope_tables"):
-            module.reset_rope_tables()
+    reset_derived_buffers(model)
     return model

@@ -1,0 +1,58 @@
+"""Stacked YAML + dotlist overrides, validated against the schema with key paths in errors."""
+import pytest
+
+from tora.config import ConfigError, load_config
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_later_files_and_command_line_win(tmp_path):
+    a = write(tmp_path, "a.yaml", "model:\n  sampler_config:\n    params:\n      num_steps: 30\n  scale_factor: 0.5\n")
+    b = write(tmp_path, "b.yaml", "model:\n  sampler_config:\n    params:\n      num_steps: 40\n")
+    cfg = load_config([a, b], ["model.sampler_config.params.guider_config.params.scale=3"])
+    assert cfg.model.sampler_config.params.num_steps == 40
+    assert cfg.model.scale_factor == 0.5
+    assert cfg.model.sampler_config.params.guider_config.params.scale == 3
+    assert load_config([a, b], ["model.sampler_config.params.num_steps=20"]).model.sampler_config.params.num_steps == 20
+
+
+def test_unknown_key_names_path_and_file(tmp_path):
+    bad = write(tmp_path, "bad.yaml", "model:\n  network_config:\n    params:\n      num_layer: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.network_config.params.num_layer' \(in .*bad.yaml\)"):
+        load_config([bad])
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.samplr' \(in command line\)"):
+        load_config([], ["model.samplr=1"])
+
+
+def test_wrong_types_and_choices(tmp_path):
+    with pytest.raises(ConfigError, match="model.network_config.params.hidden_size.*could not be converted"):
+        load_config([], ["model.network_config.params.hidden_size=wide"])
+    with pytest.raises(ConfigError, match="invalid value 'sometimes' for 'model.motion.cache'"):
+        load_config([], ["model.motion.cache=sometimes"])
+
+
+def test_unsupported_target_is_named(tmp_path):
+    bad = write(tmp_path, "t.yaml", "model:\n  sampler_config:\n    target: sgm.EulerEDMSampler\n")
+    with pytest.raises(ConfigError, match="unsupported target 'sgm.EulerEDMSampler' at 'model.sampler_config.target'"):
+        load_config([bad])
+
+
+def test_consistency_checks():
+    with pytest.raises(ConfigError, match="hidden_size_head"):
+        load_config([], ["model.network_config.params.num_attention_heads=24"])
+    with pytest.raises(ConfigError, match="num_frames 48 must be 1 \\+ k"):
+        load_config([], ["model.network_config.params.num_frames=48"])
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_config([tmp_path / "missing.yaml"])
+    broken = write(tmp_path, "broken.yaml", "model: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse config file .*broken.yaml"):
+        load_config([broken])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config([], ["num_steps"])

@@ -1,0 +1,25 @@
+# Quick start:  make demo   (set up + sample a clip with the embedded tiny model)
+#               make test   (set up + run the whole test suite)
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+# Two-core machines: one OpenMP thread per process (more threads make small models 20-50x slower
+# whenever the other core is busy).  Override with OMP_NUM_THREADS=N make ...
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup test demo train-demo golden clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+golden: setup
+	$(PY) -m pytest -m golden -v
+
+clean-venv:
+	rm -rf $(VENV)

@@ -374,9 +374,32 @@ class TrajectoryConfig:
 
 
 @dataclass
+class MotionFromVideoConfig:
+    """Training motion from real videos: RAFT flow, dense or tracked sparse (see tora.tracking)."""
+    # torchvision RAFT variant: "raft_large" (official) or "raft_small" (about 3x faster, coarser).
+    raft_model: str = "raft_large"
+    # Local RAFT state dict (official: Raft_Large_Weights.DEFAULT, downloaded at start); its URL is
+    # named in the error when the file is missing.  Must match raft_model.
+    raft_weights: str = "ckpts/raft/raft_large_C_T_SKHT_V2-ff5fadd5.pth"
+    raft_iterations: int = 12  # RAFT num_flow_updates; the last estimate is used (official 12)
+    # Frame pairs per RAFT call: memory/speed only, eval-mode RAFT treats pairs independently
+    # (official: max(B*F/20, 1) = 2).
+    raft_batch_pairs: int = 2
+    # "dense" (official sample_flow false): every RAFT flow; "sparse": flow along tracked keypoints.
+    stage: str = "dense"
+    grid_stride: int = 32  # one keypoint candidate per stride x stride cell (official 32)
+    min_points: int = 1  # keypoints per clip drawn uniformly in [min_points, max_points] (official 1..16)
+    max_points: int = 16
+    # "official": move by the integer-truncated flow at the point's pixel (points slower than
+    # 1 px/frame never move); "subpixel": bilinear flow at sub-pixel positions.
+    tracking: str = "official"
+
+
+@dataclass
 class ToraConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    motion_from_video: MotionFromVideoConfig = field(default_factory=MotionFromVideoConfig)
     args: Any = field(default_factory=dict)  # run settings of the entry scripts (validated there)
     data: Any = field(default_factory=dict)  # training data (validated by tora.data)
     deepspeed: Any = field(default_factory=dict)  # passed to DeepSpeed as is
@@ -435,6 +458,9 @@ CHOICES = {
     "model.motion.cache": ["auto", "modulation", "features", "none"],
     "trajectory.out_of_canvas": ["error", "clamp"],
     "trajectory.resample": ["official", "uniform"],
+    "motion_from_video.raft_model": ["raft_large", "raft_small"],
+    "motion_from_video.stage": ["dense", "sparse"],
+    "motion_from_video.tracking": ["official", "subpixel"],
 }
 
 

@@ -251,7 +251,10 @@ class LossConfig:
 @dataclass
 class T5Params:
     model_dir: str = "ckpts/t5-v1_1-xxl"
-    max_length: int = 226
+    # Official: the tokenizer files sit in model_dir.  huggingface THUDM/CogVideoX-5b keeps them in
+    # a separate 'tokenizer' subfolder: point this at it (None = model_dir).
+    tokenizer_dir: Optional[str] = None
+    max_length: int = 226  # tokens: truncated to 225 + EOS, padded; the DiT's text length
 
 
 @dataclass

@@ -289,7 +289,10 @@ class VAECoderParams:
     attn_resolutions: List[int] = field(default_factory=list)
     num_res_blocks: int = 3
     dropout: float = 0.0
-    gather_norm: bool = True
+    gather_norm: bool = True  # only gathers group-norm statistics across context-parallel ranks
+    # Time is halved by the down-samplers of the first log2(temporal_compress_times) levels (and
+    # doubled by as many up-samplers); official constructor default, absent from the yaml.
+    temporal_compress_times: int = 4
 
 
 @dataclass
@@ -308,13 +311,19 @@ class VAEParams:
     encoder_config: VAECoderConfig = field(default_factory=VAECoderConfig)
     decoder_config: VAECoderConfig = field(default_factory=lambda: VAECoderConfig(
         params=VAECoderParams(gather_norm=False)))
-    # Decoding schedule of the official sample_video.py: the first chunk holds this many latent
-    # frames, every later chunk ``decode_chunk_latent_frames``; the causal-conv cache links them.
-    decode_first_chunk_latent_frames: int = 3
+    # Temporal chunks of the decoder (tora.vae.chunk_spans), linked by the causal-conv cache.  The
+    # official sample_video.py decodes latent frames [0:3], [3:5], [5:7], ...: chunks of 2 whose first
+    # one also takes the remainder (odd T: 3).  Even, or 0 = all latent frames in one call.  The group
+    # norms see one chunk at a time, so the chunking is part of the numerics.
     decode_chunk_latent_frames: int = 2
-    # Spatial tiling of the decoder (memory saver, not bit-identical): 0 disables.
+    # Spatial tiling of the decoder, in latent pixels (memory saver, not bit-identical: each tile has
+    # its own group-norm statistics; overlapping tiles are blended linearly).  0 = no tiling.
     decode_tile_latent_size: int = 0
-    encode_one_pass: bool = True  # official: all frames in one encoder call (diffusers: 8-frame batches)
+    decode_tile_overlap_latent: int = 4  # latent pixels shared by neighbouring tiles
+    # Frames per encoder call, linked by the causal-conv cache.  0 = all frames in one call (official);
+    # 8 = diffusers' batching (less memory, different group-norm statistics).  A multiple of
+    # temporal_compress_times.
+    encode_chunk_frames: int = 0
 
 
 @dataclass

@@ -209,6 +209,9 @@ class GuiderConfig:
 class SamplerParams:
     num_steps: int = 50
     verbose: bool = True
+    # Official: every middle step draws a Gaussian for a first-order proposal and throws it away.
+    # False skips that draw (same distribution, a different random stream than the official code).
+    draw_discarded_noise: bool = True
     discretization_config: DiscretizationConfig = field(default_factory=DiscretizationConfig)
     guider_config: GuiderConfig = field(default_factory=GuiderConfig)
 

@@ -386,6 +386,12 @@ class TrajectoryConfig:
     # "official": >F points are sub-sampled then truncated, equal points per segment;
     # "uniform": resample at constant speed along the path.
     resample: str = "official"
+    # Border of the blur: "reflect101" = cv2.filter2D as in official sampling; the official
+    # training blurred with "zeros" (a train/test mismatch, spec 10.6).
+    blur_border: str = "reflect101"
+    # flow_to_image normalises colours over chunks of this many frames: 0 = all frames together
+    # (official sampling); the official training used 2.
+    flow_image_chunk_frames: int = 0
 
 
 @dataclass
@@ -473,6 +479,7 @@ CHOICES = {
     "model.motion.cache": ["auto", "modulation", "features", "none"],
     "trajectory.out_of_canvas": ["error", "clamp"],
     "trajectory.resample": ["official", "uniform"],
+    "trajectory.blur_border": ["reflect101", "zeros"],
     "motion_from_video.raft_model": ["raft_large", "raft_small"],
     "motion_from_video.stage": ["dense", "sparse"],
     "motion_from_video.tracking": ["official", "subpixel"],

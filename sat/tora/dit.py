@@ -39,6 +39,8 @@ from sat.model.base_model import BaseMixin, BaseModel
 from sat.model.transformer import BaseTransformer
 from sat.ops.layernorm import LayerNorm
 
+from .runtime import init_distributed
+
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
@@ -65,29 +67,6 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): rotation partner of interleaved pairs."""
     pairs = x.unflatten(-1, (-1, 2))
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-
-
-def ensure_model_parallel() -> None:
-    """SAT's parallel linears need torch.distributed + mpu; set up a 1-process group if absent.
-
-    Unlike SAT's model-only init this neither reseeds the global RNGs nor touches cuDNN flags.
-    """
-    from sat import mpu
-    if torch.distributed.is_initialized() and mpu.model_parallel_is_initialized():
-        return
-    if not torch.distributed.is_initialized():
-        import os
-        from sat.helpers import get_free_port
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        backend = "nccl" if torch.cuda.is_available() and world > 1 else "gloo"
-        if torch.cuda.is_available() and world > 1:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        address = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        port = os.environ.get("MASTER_PORT") if world > 1 else str(get_free_port())
-        torch.distributed.init_process_group(
-            backend=backend, init_method=f"tcp://{address}:{port}",
-            world_size=world, rank=int(os.environ.get("RANK", "0")))
-    mpu.initialize_model_parallel(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +384,7 @@ class DiffusionTransformer(BaseModel):
     def __init__(self, params, dtype: torch.dtype = torch.float32):
         targs = params.transformer_args
         modules = params.modules
-        ensure_model_parallel()
+        init_distributed()  # SAT's parallel linears need a (1-process) model-parallel group
         sat_args = Namespace(model_parallel_size=1)
         transformer = BaseTransformer(
             num_layers=params.num_layers, vocab_size=targs.vocab_size, hidden_size=params.hidden_size,

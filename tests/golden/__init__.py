@@ -119,4 +119,4 @@ def check_outputs(case: GoldenCase, got: dict[str, torch.Tensor]) -> list[str]:
 
 
 # Runner modules register themselves on import.
-from . import diffusion, dit, trajectory, vae  # noqa: E402,F401
+from . import diffusion, dit, pipeline, trajectory, vae  # noqa: E402,F401

@@ -1,0 +1,293 @@
+"""The engine: DiT + VAE + text encoder + denoiser + sampler, and the sampling pipeline that ties them.
+
+    prompt ──T5──────────────────────────────► context [1, L, D]            (uncond = zeros)
+    point files ──trajectory──► motion video [1, 3, F, H, W] ──VAE──► motion latents [copies, T, 16, h, w]
+    first frame (I2V) ──VAE──► image latent [1, 1, 16, h, w] + zero frames ──► concat [1, T, 16, h, w]
+    noise [1, T, 16, h, w] ──sampler(DiT, CFG)──► latents ──VAE decode──► frames [F, H, W, 3] uint8
+
+Latents are multiplied by ``scale_factor`` (0.7) after encoding and by its reciprocal before decoding.
+Motion conditioning (extractor features, optionally every layer's gamma/beta) is prepared once per
+video and reused by every denoising step.  All random draws go through one ``noise_fn(like)`` in a
+fixed order (image encode, motion encode, initial noise, sampler), so a seed fixes the whole video.
+
+Placement (``offload``): "none" keeps every component on the device; "model" (the official behaviour)
+keeps components on the CPU (pinned) and moves each onto the device only for its stage, so the DiT
+and the T5/VAE never share GPU memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from .checkpoint import init_on_device, load_dit_checkpoint, materialize
+from .diffusion import (DiscreteDenoiser, NoiseFn, VPSDEDPMPP2MSampler, conditioned_network, gaussian_noise)
+from .dit import DiffusionTransformer
+from .runtime import default_dtype, pick_device
+from .text import GeneralConditioner, build_conditioner
+from .trajectory import draw_trajectories, load_motion_video
+from .vae import VideoAutoencoder, load_vae
+
+logger = logging.getLogger(__name__)
+
+UNTRAINED_MARKER = "UNTRAINED"  # file in a checkpoint folder whose weights are random (tiny demo/CI)
+
+
+# ----------------------------------------------------------------------------------------------
+# Placement of components on the device
+# ----------------------------------------------------------------------------------------------
+
+class Offloaded:
+    """Keeps a frozen module's tensors in (pinned) CPU memory and swaps them onto the device on demand.
+
+    Moving back is free: the device copies are dropped and the CPU copies reattached, nothing is copied.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.module, self.device = module, device
+        pin = device.type == "cuda"
+        self.host = {name: (t.data.pin_memory() if pin else t.data) for name, t in self._tensors()}
+        self._attach(self.host)
+
+    def _tensors(self):
+        yield from self.module.named_parameters()
+        yield from self.module.named_buffers()
+
+    def _attach(self, storage: dict) -> None:
+        for name, tensor in self._tensors():
+            tensor.data = storage[name]
+
+    @contextlib.contextmanager
+    def on_device(self):
+        self._attach({name: t.to(self.device, non_blocking=True) for name, t in self.host.items()})
+        try:
+            yield self.module
+        finally:
+            self._attach(self.host)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+class Resident:
+    """A module that stays on the device (offload "none")."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.module = module.to(device)
+
+    @contextlib.contextmanager
+    def on_device(self):
+        yield self.module
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Generation:
+    frames: np.ndarray  # [F, H, W, 3] uint8
+    latents: torch.Tensor  # [1, T, 16, h, w] float32, scaled by scale_factor (sampler space)
+    tracks: Optional[torch.Tensor] = None  # [N, F, 2] (x, y) video pixels per trajectory
+    record: dict = field(default_factory=dict)  # intermediates when asked for
+
+    def overlay(self) -> np.ndarray:
+        """The frames with every trajectory drawn over them."""
+        return self.frames if self.tracks is None else draw_trajectories(self.frames, self.tracks)
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+
+class ToraEngine:
+    def __init__(self, cfg: DictConfig, dit: DiffusionTransformer, vae: Optional[VideoAutoencoder],
+                 conditioner: Optional[GeneralConditioner], device: torch.device, offload: str = "model"):
+        if offload not in ("none", "model"):
+            raise ValueError(f"offload must be 'none' or 'model', got {offload!r}")
+        self.cfg, self.device, self.offload = cfg, device, offload
+        self.dtype = dit.dtype
+        place = Resident if offload == "none" or device.type == "cpu" else Offloaded
+        self.dit = place(dit.eval(), device)
+        self.vae = place(vae.eval(), device) if vae is not None else None
+        self.text = place(conditioner.eval(), device) if conditioner is not None else None
+        self.denoiser = DiscreteDenoiser.from_config(cfg.model.denoiser_config)
+        self.sampler = VPSDEDPMPP2MSampler.from_config(cfg.model.sampler_config, self.denoiser)
+        self.scale_factor = cfg.model.scale_factor
+        p = cfg.model.network_config.params
+        self.time_compression = p.time_compressed_rate
+        self.max_latent_frames = (p.num_frames - 1) // p.time_compressed_rate + 1
+        self.latent_size_hw = (p.latent_height, p.latent_width)
+        self.video_size_hw = (p.latent_height * 8, p.latent_width * 8)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: DictConfig, load: Optional[str], device: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None, offload: str = "model", with_vae: bool = True,
+                    with_text: bool = True) -> "ToraEngine":
+        """Build every component; ``load`` is the DiT checkpoint (any SAT layout)."""
+        device = pick_device(device)
+        dtype = dtype or default_dtype(device)
+        build_device = device if offload == "none" else torch.device("cpu")
+        dit = build_dit(cfg, load, build_device, dtype)
+        vae = load_vae(cfg.model.first_stage_config.params).to(dtype) if with_vae else None
+        text = build_conditioner(cfg.model.conditioner_config, dtype=dtype) if with_text else None
+        return cls(cfg, dit, vae, text, device, offload)
+
+    # -- geometry --------------------------------------------------------------------------------
+    def latent_frames_for(self, num_frames: int) -> int:
+        if (num_frames - 1) % self.time_compression or num_frames < 1:
+            raise ValueError(f"num_frames must be 1 + {self.time_compression}k, got {num_frames}")
+        latent = (num_frames - 1) // self.time_compression + 1
+        if latent > self.max_latent_frames:
+            raise ValueError(f"num_frames {num_frames} exceeds the model's "
+                             f"{(self.max_latent_frames - 1) * self.time_compression + 1}")
+        return latent
+
+    # -- stages ----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """T5 context [1, L, D] on the device."""
+        with self.text.on_device() as text:
+            return text([prompt]).to(self.device)
+
+    def encode_video(self, video: torch.Tensor, noise_fn: NoiseFn) -> torch.Tensor:
+        """Pixels [B, 3, F, H, W] in [-1, 1] -> scaled posterior samples [B, T, 16, h, w] (sampler layout).
+
+        One Gaussian draw shaped like the whole batch's latents (the official order)."""
+        with self.vae.on_device() as vae:
+            posterior = vae.encode(video.to(self.device, self.dtype))
+            latents = posterior.sample(eps=noise_fn(posterior.mean))
+        return (self.scale_factor * latents).permute(0, 2, 1, 3, 4).float()
+
+    def motion_latents(self, motion_video: torch.Tensor, noise_fn: NoiseFn) -> torch.Tensor:
+        """Motion video [1, 3, F, H, W] -> latents [copies, T, 16, h, w] for the CFG batch.
+
+        Official: one copy per CFG half (uncond first), each its own posterior sample;
+        ``model.motion.separate_cfg_samples: false`` encodes a single copy shared by both halves.
+        """
+        copies = 2 if self.cfg.model.motion.separate_cfg_samples else 1
+        return self.encode_video(motion_video.expand(copies, -1, -1, -1, -1), noise_fn)
+
+    def image_latents(self, image: torch.Tensor, latent_frames: int, noise_fn: NoiseFn) -> torch.Tensor:
+        """First frame [1, 3, H, W] in [-1, 1] -> [1, T, 16, h, w]: its latent, then zero frames."""
+        first = self.encode_video(image[:, :, None], noise_fn)  # [1, 1, 16, h, w]
+        padding = first.new_zeros(1, latent_frames - 1, *first.shape[2:])
+        return torch.cat([first, padding], dim=1)
+
+    def motion_cache_level(self, motion_batch: int, latent_frames: int) -> str:
+        """Resolve ``model.motion.cache`` ("auto" picks gamma/beta caching when it fits the budget)."""
+        level = self.cfg.model.motion.cache
+        if level != "auto":
+            return level
+        p = self.cfg.model.network_config.params
+        tokens = latent_frames * self.latent_size_hw[0] * self.latent_size_hw[1] // p.patch_size ** 2
+        cache_bytes = 2 * p.num_layers * motion_batch * tokens * p.hidden_size * self.dtype.itemsize
+        return "modulation" if cache_bytes <= self.cfg.model.motion.cache_budget_gib * 2**30 else "features"
+
+    def sample_latents(self, context: torch.Tensor, x_T: torch.Tensor, noise_fn: NoiseFn,
+                       motion: Optional[torch.Tensor] = None, concat: Optional[torch.Tensor] = None,
+                       progress: Optional[Callable[[int], None]] = None,
+                       record: Optional[dict] = None) -> torch.Tensor:
+        """Run the sampler from x_T [1, T, 16, h, w]; ``motion`` = motion latents [copies, T, 16, h, w]."""
+        cond = {"crossattn": context}
+        uncond = {"crossattn": GeneralConditioner.unconditional(context)}
+        if concat is not None:
+            cond["concat"] = uncond["concat"] = concat
+        with self.dit.on_device() as dit, torch.no_grad():
+            kwargs = {}
+            if motion is not None:
+                level = self.motion_cache_level(motion.shape[0], x_T.shape[1])
+                if level == "none":
+                    kwargs["video_flow"] = motion.to(self.dtype)
+                else:
+                    kwargs["motion"] = dit.prepare_motion(motion, level)
+            samples = self.sampler(conditioned_network(dit), x_T, cond, uncond, noise_fn=noise_fn,
+                                   callback=progress, record=record, **kwargs)
+        return samples.float()
+
+    def decode(self, latents: torch.Tensor, spans: Optional[list] = None) -> torch.Tensor:
+        """Sampler latents [1, T, 16, h, w] -> video [1, 3, F, H, W] in [-1, 1] (official chunked decode)."""
+        z = latents.permute(0, 2, 1, 3, 4) * (1.0 / self.scale_factor)  # a multiplication, as officially
+        with self.vae.on_device() as vae:
+            return vae.decode(z.to(self.device, self.dtype), spans).float()
+
+    # -- the whole pipeline ----------------------------------------------------------------------
+    def generate(self, prompt: Optional[str] = None, trajectory_files: Sequence[str | Path] = (),
+                 image: Optional[torch.Tensor] = None, seed: int = 0, num_frames: Optional[int] = None,
+                 context: Optional[torch.Tensor] = None, noise_fn: Optional[NoiseFn] = None,
+                 progress: Optional[Callable[[int], None]] = None, record: Optional[dict] = None,
+                 decode_spans: Optional[list] = None) -> Generation:
+        """One video from ``prompt`` (or a precomputed T5 ``context`` [1, L, D]).
+
+        ``image`` (I2V): first frame [1, 3, H, W] in [-1, 1] at the video size.  ``noise_fn`` overrides
+        the seeded Gaussian source (used to replay recorded draws); ``record`` receives intermediates.
+        """
+        latent_frames = self.max_latent_frames if num_frames is None else self.latent_frames_for(num_frames)
+        num_frames = (latent_frames - 1) * self.time_compression + 1
+        if noise_fn is None:
+            noise_fn = gaussian_noise(torch.Generator(self.device).manual_seed(seed))
+        record = record if record is not None else {}
+
+        if context is None:
+            context = self.encode_prompt(prompt)
+        context = context.to(self.device)
+        concat = None
+        if image is not None:
+            concat = self.image_latents(image, latent_frames, noise_fn)
+            record["image_latent_padded"] = concat
+        motion, tracks = None, None
+        if trajectory_files:
+            motion_video = load_motion_video(trajectory_files, num_frames, self.video_size_hw, self.cfg.trajectory)
+            tracks = motion_video.tracks
+            motion = self.motion_latents(motion_video.video, noise_fn)
+            record.update(points=tracks, flow_image=motion_video.flow_image, video_flow_latent=motion)
+        x_T = noise_fn(torch.empty(1, latent_frames, 16, *self.latent_size_hw, device=self.device))
+        latents = self.sample_latents(context, x_T, noise_fn, motion, concat, progress, record)
+        video = self.decode(latents, decode_spans)
+        record["decoded"] = video
+        frames = ((video[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)  # [F, H, W, 3] in [0, 1]
+        frames = (frames * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return Generation(frames, latents, tracks, record)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the DiT
+# ----------------------------------------------------------------------------------------------
+
+def build_dit(cfg: DictConfig, load: Optional[str], device: torch.device, dtype: torch.dtype,
+              seed: int = 0) -> DiffusionTransformer:
+    """The DiT with weights from ``load`` (a SAT checkpoint), or random weights when ``load`` is None.
+
+    Built on the meta device first, so the full model is never initialised twice in host memory.
+    """
+    with init_on_device("meta"):
+        dit = DiffusionTransformer(cfg.model.network_config.params)
+    dit = materialize(dit, device, dtype)
+    if load is None:
+        randomize_(dit, seed)
+    else:
+        load_dit_checkpoint(dit, load)
+        if (Path(load) / UNTRAINED_MARKER).exists():
+            logger.warning("the DiT checkpoint %s holds RANDOM, UNTRAINED weights (tiny demo model): "
+                           "the video will not show real content", load)
+    return dit.eval()
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights (benchmarks, tiny checkpoints): N(0, std) matrices, unit norms, zero biases."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if "freqs_" in name or not tensor.is_floating_point():
+            continue
+        if name.endswith("running_var") or (tensor.dim() == 1 and name.endswith("weight")):
+            tensor.fill_(1.0)
+        elif name.endswith("running_mean") or tensor.dim() == 1:
+            tensor.zero_()
+        else:
+            tensor.normal_(0.0, std, generator=generator)

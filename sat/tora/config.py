@@ -417,12 +417,34 @@ class MotionFromVideoConfig:
 
 
 @dataclass
+class DataParams:
+    """Fine-tuning clips (see tora.data); official names and values of the train yaml."""
+    video_size: List[int] = field(default_factory=lambda: [480, 720])  # [height, width] after crop
+    fps: float = 8.0  # target frame rate of the sampled frames (the integer step can exceed it)
+    max_num_frames: int = 49  # frames per item (4k+1 for the VAE); shorter runs are padded
+    skip_frms_num: float = 3.0  # frames ignored at both ends (transitions); whole (yaml: "3.")
+    # Short clips give their longest 4k+1 run of frames, padded with the last one; a clip giving
+    # fewer frames than this is replaced (official: 1, i.e. any frame left; larger values avoid
+    # items that are mostly frozen padding).
+    min_num_frames: int = 1
+    # An unreadable or too-short clip is replaced by other clips; the item is an error once this
+    # many replacements failed as well (the official dataset retried forever).
+    max_retries: int = 10
+
+
+@dataclass
+class DataConfig:
+    target: Optional[str] = None
+    params: DataParams = field(default_factory=DataParams)
+
+
+@dataclass
 class ToraConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     motion_from_video: MotionFromVideoConfig = field(default_factory=MotionFromVideoConfig)
     args: Any = field(default_factory=dict)  # run settings of the entry scripts (validated there)
-    data: Any = field(default_factory=dict)  # training data (validated by tora.data)
+    data: DataConfig = field(default_factory=DataConfig)  # fine-tuning clips
     deepspeed: Any = field(default_factory=dict)  # passed to DeepSpeed as is
 
 
@@ -470,6 +492,7 @@ TARGETS = {
     "model.first_stage_config.params.loss_config": ["torch.nn.Identity"],
     "model.first_stage_config.params.regularizer_config": [
         "vae_modules.regularizers.DiagonalGaussianRegularizer", "tora.vae.DiagonalGaussianRegularizer"],
+    "data": ["data_video.SFTDataset", "tora.data.SFTDataset"],
 }
 
 CHOICES = {

@@ -23,3 +23,12 @@ golden: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The embedded tiny default: random-weight checkpoints (made once), then an image-to-video sample with
+# a trajectory.  The weights are untrained, so the video shows no real content.
+demo: setup
+	$(PY) scripts/make_tiny_checkpoints.py --if-missing
+	$(PY) sat/sample_video.py --base configs/tora/model/tora_tiny.yaml configs/tora/model/tora_tiny_i2v.yaml \
+		configs/tora/inference.yaml --load ckpts/tiny/i2v --image2video --img_dir assets/images \
+		--input-file assets/i2v_prompts.txt --point_path trajs/pause.txt --output-dir samples/demo
+	@echo "demo videos: samples/demo/video (trajectory overlay: samples/demo/traj_video)"

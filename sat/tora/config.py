@@ -439,11 +439,41 @@ class DataConfig:
 
 
 @dataclass
+class ArgsConfig:
+    """Run settings of the entry scripts (official ``args:`` section).  Every command-line flag of
+    sample_video.py / train_video.py sets one of these; the command line beats the YAML files."""
+    mode: str = "inference"  # inference | finetune
+    load: Optional[str] = None  # DiT checkpoint: folder with 'latest' or mp_rank_00_model_states.pt
+    seed: int = 1234  # sample i of a run uses seed + i (independent of the number of GPUs)
+    device: Optional[str] = None  # default: this rank's GPU when there is one, else the CPU
+    dtype: str = "auto"  # auto = bf16 on GPU (as released), fp32 on CPU
+    bf16: Optional[bool] = None  # official key: true means dtype bf16
+    offload: str = "model"  # none: all on the device; model: T5/VAE and DiT never share the GPU
+    # -- sampling ------------------------------------------------------------------------------
+    input_type: str = "txt"  # txt: --input-file; cli: prompts typed on stdin
+    input_file: Optional[str] = None  # one prompt per line; I2V: prompt@@image_name
+    output_dir: str = "samples"
+    point_path: List[str] = field(default_factory=list)  # trajectory files, one object each
+    no_flow_injection: bool = False  # sample without trajectories even when point files are given
+    image2video: bool = False
+    img_dir: Optional[str] = None  # where I2V image names are looked up (default: next to the prompts)
+    image_resize: str = "stretch"  # official: stretch to the video size; crop: keep aspect, centre crop
+    sampling_num_frames: Optional[int] = None  # latent frames (official 13); default: the model's
+    sampling_fps: int = 8  # frame rate of the written videos
+    video_crf: int = 18  # libx264 quality of the written videos (official 18)
+    # Official keys accepted for compatibility; only the official values are supported.
+    batch_size: int = 1
+    latent_channels: int = 16
+    force_inference: bool = True  # no effect: checkpoints always load strictly
+    flow_from_prompt: bool = False
+
+
+@dataclass
 class ToraConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     motion_from_video: MotionFromVideoConfig = field(default_factory=MotionFromVideoConfig)
-    args: Any = field(default_factory=dict)  # run settings of the entry scripts (validated there)
+    args: ArgsConfig = field(default_factory=ArgsConfig)  # run settings of the entry scripts
     data: DataConfig = field(default_factory=DataConfig)  # fine-tuning clips
     deepspeed: Any = field(default_factory=dict)  # passed to DeepSpeed as is
 
@@ -501,6 +531,11 @@ CHOICES = {
     "model.sampler_config.params.guider_config.params.step_input": ["timestep", "step_index"],
     "model.motion.cache": ["auto", "modulation", "features", "none"],
     "trajectory.out_of_canvas": ["error", "clamp"],
+    "args.mode": ["inference", "finetune"],
+    "args.dtype": ["auto", "bf16", "fp32"],
+    "args.offload": ["none", "model"],
+    "args.input_type": ["txt", "cli"],
+    "args.image_resize": ["stretch", "crop"],
     "trajectory.resample": ["official", "uniform"],
     "trajectory.blur_border": ["reflect101", "zeros"],
     "motion_from_video.raft_model": ["raft_large", "raft_small"],
@@ -597,6 +632,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, path)
         if value not in allowed:
             raise ConfigError(f"invalid value {value!r} for '{path}'; choose one of {allowed}")
+    unsupported = {"args.batch_size": 1, "args.latent_channels": 16, "args.flow_from_prompt": False}
+    for key, supported in unsupported.items():
+        if OmegaConf.select(cfg, key) != supported:
+            raise ConfigError(f"'{key}' = {OmegaConf.select(cfg, key)} is not supported (only {supported})")
     p = cfg.model.network_config.params
     targs = p.transformer_args
     for name in ("num_layers", "hidden_size", "num_attention_heads"):

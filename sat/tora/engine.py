@@ -144,6 +144,9 @@ class ToraEngine:
         if (num_frames - 1) % self.time_compression or num_frames < 1:
             raise ValueError(f"num_frames must be 1 + {self.time_compression}k, got {num_frames}")
         latent = (num_frames - 1) // self.time_compression + 1
+        if latent % 2 == 0:
+            raise ValueError(f"num_frames {num_frames} gives {latent} latent frames; the causal VAE decodes "
+                             f"T latent frames to 1 + {self.time_compression}(T-1) frames only for odd T")
         if latent > self.max_latent_frames:
             raise ValueError(f"num_frames {num_frames} exceeds the model's "
                              f"{(self.max_latent_frames - 1) * self.time_compression + 1}")

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Sample trajectory-controlled videos with Tora (text-to-video or image-to-video).
+
+    torchrun --standalone --nproc_per_node=N sat/sample_video.py \\
+        --base configs/tora/model/cogvideox_5b_tora.yaml configs/tora/inference.yaml \\
+        --load ckpts/tora/t2v --point_path trajs/circle.txt --input-file assets/t2v_prompts.txt \\
+        --output-dir samples  [model.sampler_config.params.num_steps=30 ...]
+
+Every flag sets the config key args.<flag>; trailing key=value pairs override any config key.
+Precedence: --base files in order < flags < key=value overrides.
+"""
+import argparse
+import logging
+import re
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+from tora.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", nargs="+", required=True, metavar="YAML",
+                   help="config files, merged in order (model config first, then e.g. configs/tora/inference.yaml)")
+    p.add_argument("--load", help="DiT checkpoint: folder with 'latest' or mp_rank_00_model_states.pt")
+    p.add_argument("--point_path", nargs="+", metavar="TXT", help="trajectory files (x,y per line), one per object")
+    p.add_argument("--input-file", dest="input_file", help="prompt file; I2V lines: prompt@@image_name")
+    p.add_argument("--input-type", dest="input_type", choices=["txt", "cli"], help="txt: --input-file; cli: stdin")
+    p.add_argument("--output-dir", dest="output_dir", help="where videos are written (never overwritten)")
+    p.add_argument("--image2video", action="store_const", const=True, help="prompts carry a first-frame image")
+    p.add_argument("--img_dir", help="folder of the I2V images (default: the prompt file's folder)")
+    p.add_argument("--seed", type=int, help="base seed; prompt k uses seed + k")
+    p.add_argument("--sampling-num-frames", dest="sampling_num_frames", type=int, help="latent frames (13 = 49 frames)")
+    p.add_argument("--no-flow-injection", dest="no_flow_injection", action="store_const", const=True,
+                   help="ignore trajectories (plain CogVideoX behaviour)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU, else CPU)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
+    p.add_argument("--offload", choices=["none", "model"],
+                   help="none: everything stays on the GPU (fastest); model: T5/VAE and DiT take turns (less memory)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.sampler_config.params.num_steps=30")
+    # key=value tokens may stand anywhere (also after a list flag such as --point_path a.txt b.txt)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = [t for t in argv if OVERRIDE.match(t)]
+    options = p.parse_args([t for t in argv if not OVERRIDE.match(t)])
+    options.overrides += overrides
+    return options
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("sat").propagate = False  # SAT logs through its own handler
+    options = parse_args(argv)
+    flags = {k: v for k, v in vars(options).items() if k not in ("base", "overrides") and v is not None}
+    try:
+        cfg = load_config(options.base, options.overrides, extra={"args": flags})
+        from tora.sampling import run_sampling
+        run_sampling(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        logging.getLogger("sample_video").error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""sample_video.py end to end on tiny random-weight checkpoints (T2V, I2V, several trajectories,
+stdin prompts, two torchrun ranks) and its bad-input messages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+import sample_video
+from tora.sampling import PromptError, read_prompt_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TRAJS = REPO.parent / "shared" / "data" / "trajs"
+MODEL = REPO / "configs/tora/model"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_tiny_checkpoints
+    out = tmp_path_factory.mktemp("tiny")
+    make_tiny_checkpoints.main(["--out", str(out)])
+    return out
+
+
+def fast(ckpts: Path) -> list[str]:
+    """Overrides: the tiny checkpoints of this session, 4 sampler steps, 3 latent frames (9 frames)."""
+    return [f"model.conditioner_config.params.emb_models=[{{params: {{model_dir: {ckpts / 't5'}, max_length: 16}}}}]",
+            f"model.first_stage_config.params.ckpt_path={ckpts / 'vae/3d-vae.pt'}",
+            "model.sampler_config.params.num_steps=4",
+            "model.sampler_config.params.guider_config.params.num_steps=4",
+            "--sampling-num-frames", "3"]
+
+
+def run(ckpts, tmp_path, *extra, variant="t2v", base=()):
+    bases = [str(MODEL / "tora_tiny.yaml"), *base, str(REPO / "configs/tora/inference.yaml")]
+    if variant == "i2v":
+        bases.insert(1, str(MODEL / "tora_tiny_i2v.yaml"))
+    argv = ["--base", *bases, "--load", str(ckpts / variant), "--output-dir", str(tmp_path / "out"),
+            *extra, *fast(ckpts)]
+    sample_video.main(argv)
+    return tmp_path / "out"
+
+
+def prompts(tmp_path, *lines, name="prompts.txt"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_video(path):
+    return np.stack(imageio.mimread(path))
+
+
+def test_text_to_video_with_two_trajectories(tiny_ckpts, tmp_path):
+    file = prompts(tmp_path, "a red ball", "", "# a comment", "a blue car")
+    out = run(tiny_ckpts, tmp_path, "--input-file", str(file),
+              "--point_path", str(REPO / "trajs/two_objects_a.txt"), str(REPO / "trajs/two_objects_b.txt"))
+    videos = sorted((out / "video").glob("*.mp4"))
+    assert [v.name for v in videos] == ["0000_a_red_ball_seed1234.mp4", "0001_a_blue_car_seed1235.mp4"]
+    frames = read_video(videos[0])
+    assert frames.shape == (9, 96, 144, 3)
+    overlay = read_video(out / "traj_video" / videos[0].name)
+    assert overlay.shape == frames.shape and np.abs(overlay.astype(int) - frames).mean() > 0.5
+    points = json.loads((out / "traj" / "0000_a_red_ball_seed1234.json").read_text())
+    assert np.array(points["points_xy"]).shape == (2, 9, 2)
+    assert (out / "prompt" / "0001_a_blue_car_seed1235.txt").read_text() == "a blue car\n"
+
+
+def test_outputs_are_never_overwritten(tiny_ckpts, tmp_path):
+    file = prompts(tmp_path, "a red ball")
+    for _ in range(2):
+        out = run(tiny_ckpts, tmp_path, "--input-file", str(file), "--point_path", str(REPO / "trajs/circle.txt"))
+    names = sorted(p.name for p in (out / "video").glob("*.mp4"))
+    assert names == ["0000_a_red_ball_seed1234-1.mp4", "0000_a_red_ball_seed1234.mp4"]
+    # same seed, same inputs -> the same video
+    assert np.array_equal(read_video(out / "video" / names[0]), read_video(out / "video" / names[1]))
+
+
+def test_image_to_video(tiny_ckpts, tmp_path):
+    file = prompts(tmp_path, "a ball rolls away@@ball.png")
+    out = run(tiny_ckpts, tmp_path, "--image2video", "--img_dir", str(REPO / "assets/images"),
+              "--input-file", str(file), "--point_path", str(REPO / "trajs/pause.txt"), variant="i2v")
+    (video,) = (out / "video").glob("*.mp4")
+    assert read_video(video).shape == (9, 96, 144, 3)
+
+
+def test_prompts_from_stdin(tiny_ckpts, tmp_path, monkeypatch):
+    import io
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first prompt\nsecond prompt\n\n"))
+    out = run(tiny_ckpts, tmp_path, "--input-type", "cli", "--point_path", str(REPO / "trajs/wave.txt"))
+    assert sorted(p.name for p in (out / "prompt").iterdir()) == [
+        "0000_first_prompt_seed1234.txt", "0001_second_prompt_seed1235.txt"]
+
+
+def test_two_ranks_split_prompts_and_match_one_rank(tiny_ckpts, tmp_path):
+    file = prompts(tmp_path, "one", "two", "three")
+    args = ["--base", str(MODEL / "tora_tiny.yaml"), str(REPO / "configs/tora/inference.yaml"),
+            "--load", str(tiny_ckpts / "t2v"), "--input-file", str(file),
+            "--point_path", str(REPO / "trajs/circle.txt"), *fast(tiny_ckpts)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "sat"))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(REPO / "sat/sample_video.py"), *args, "--output-dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "[rank 1] prompt 1 (seed 1235)" in two.stderr and "[rank 0] prompt 2 (seed 1236)" in two.stderr
+    sample_video.main([*args, "--output-dir", str(tmp_path / "one")])
+    names = sorted(p.name for p in (tmp_path / "one" / "video").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two" / "video").iterdir()) and len(names) == 3
+    for name in names:
+        a, b = read_video(tmp_path / "one/video" / name), read_video(tmp_path / "two/video" / name)
+        assert np.abs(a.astype(int) - b).max() <= 1, name  # same seed -> same video on any rank
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+def expect_error(caplog, tiny_ckpts, tmp_path, message, *argv, variant="t2v"):
+    caplog.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_ckpts, tmp_path, *argv, variant=variant)
+    assert exit_info.value.code == 1
+    assert message in caplog.text
+
+
+def test_bad_inputs_are_explained(tiny_ckpts, tmp_path, caplog):
+    good = prompts(tmp_path, "a red ball")
+    circle = str(REPO / "trajs/circle.txt")
+    expect_error(caplog, tiny_ckpts, tmp_path, "prompt file not found", "--input-file", str(tmp_path / "nope.txt"))
+    bad_traj = tmp_path / "bad.txt"
+    bad_traj.write_text("10,10\n20;30\n")
+    expect_error(caplog, tiny_ckpts, tmp_path, f"{bad_traj}, line 2", "--input-file", str(good), "--point_path", str(bad_traj))
+    expect_error(caplog, tiny_ckpts, tmp_path, "unknown config key 'model.sampler_config.params.stepz'",
+                 "--input-file", str(good), "model.sampler_config.params.stepz=3")
+    i2v = prompts(tmp_path, "a ball@@missing.png", name="i2v.txt")
+    expect_error(caplog, tiny_ckpts, tmp_path, f"{i2v}:1: image not found", "--image2video", "--input-file",
+                 str(i2v), "--point_path", circle, variant="i2v")
+    expect_error(caplog, tiny_ckpts, tmp_path, "checkpoint not found", "--input-file", str(good), "--load",
+                 str(tmp_path / "no_ckpt"))
+
+
+def test_i2v_prompt_lines_need_an_image(tmp_path):
+    file = prompts(tmp_path, "just a prompt")
+    with pytest.raises(PromptError, match=f"{file}:1: image-to-video prompts must look like 'prompt@@image_name'"):
+        read_prompt_file(file, image2video=True, img_dir=tmp_path)

@@ -37,8 +37,16 @@ def parse_args(argv=None):
                    help="ignore trajectories (plain CogVideoX behaviour)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU, else CPU)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--offload", choices=["none", "model"],
-                   help="none: everything stays on the GPU (fastest); model: T5/VAE and DiT take turns (less memory)")
+    p.add_argument("--offload", choices=["none", "model", "sequential"],
+                   help="none: everything stays on the GPU (fastest); model: T5/VAE and DiT take turns (default); "
+                        "sequential: DiT and T5 streamed layer by layer (least memory)")
+    speed = p.add_argument_group("speed modes (config section 'acceleration'; see README 'Speed and memory')")
+    speed.add_argument("--compile", action="store_const", const=True, help="regional torch.compile")
+    speed.add_argument("--fp8", action="store_const", const=True, help="fp8 matmuls (Hopper GPUs)")
+    speed.add_argument("--cache", dest="step_cache", action="store_const", const=True,
+                       help="first-block step cache (approximate)")
+    speed.add_argument("--cfg-parallel", dest="cfg_parallel", action="store_const", const=True,
+                       help="CFG halves on two GPUs (torchrun with an even number of processes)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.sampler_config.params.num_steps=30")
     # key=value tokens may stand anywhere (also after a list flag such as --point_path a.txt b.txt)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -55,9 +63,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("sat").propagate = False  # SAT logs through its own handler
     options = parse_args(argv)
-    flags = {k: v for k, v in vars(options).items() if k not in ("base", "overrides") and v is not None}
+    given = {k: v for k, v in vars(options).items() if k not in ("base", "overrides") and v is not None}
+    speed = {k: given.pop(k) for k in ("compile", "fp8", "cfg_parallel") if k in given}
+    if given.pop("step_cache", None):
+        speed["step_cache"] = {"enabled": True}
     try:
-        cfg = load_config(options.base, options.overrides, extra={"args": flags})
+        cfg = load_config(options.base, options.overrides, extra={"args": given, "acceleration": speed})
         from tora.sampling import run_sampling
         run_sampling(cfg)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:

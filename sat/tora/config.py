@@ -439,6 +439,25 @@ class DataConfig:
 
 
 @dataclass
+class StepCacheConfig:
+    """First-block step cache (tora.acceleration.FirstBlockCache); changes the output slightly."""
+    enabled: bool = False
+    threshold: float = 0.08  # relative change of layer 0's residual below which a step reuses the rest
+    warmup_steps: int = 3  # always compute the first steps fully
+    max_consecutive_skips: int = 3
+
+
+@dataclass
+class AccelerationConfig:
+    """Opt-in speed modes (tora.acceleration); the defaults compute exactly the official function."""
+    compile: bool = False  # regional torch.compile of the layers' elementwise hot paths
+    fp8: bool = False  # fp8 (e4m3) matmuls in the transformer layers (Hopper GPUs)
+    cfg_parallel: bool = False  # conditional/unconditional halves on two GPUs (pairs of ranks)
+    sdpa_backend: str = "auto"  # auto | cudnn | flash | efficient | math
+    step_cache: StepCacheConfig = field(default_factory=StepCacheConfig)
+
+
+@dataclass
 class ArgsConfig:
     """Run settings of the entry scripts (official ``args:`` section).  Every command-line flag of
     sample_video.py / train_video.py sets one of these; the command line beats the YAML files."""
@@ -448,7 +467,9 @@ class ArgsConfig:
     device: Optional[str] = None  # default: this rank's GPU when there is one, else the CPU
     dtype: str = "auto"  # auto = bf16 on GPU (as released), fp32 on CPU
     bf16: Optional[bool] = None  # official key: true means dtype bf16
-    offload: str = "model"  # none: all on the device; model: T5/VAE and DiT never share the GPU
+    # none: all on the device; model: T5/VAE and DiT never share the GPU (official); sequential: also
+    # stream the DiT and T5 layer by layer (least memory, slower)
+    offload: str = "model"
     # -- sampling ------------------------------------------------------------------------------
     input_type: str = "txt"  # txt: --input-file; cli: prompts typed on stdin
     input_file: Optional[str] = None  # one prompt per line; I2V: prompt@@image_name
@@ -474,6 +495,7 @@ class ToraConfig:
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     motion_from_video: MotionFromVideoConfig = field(default_factory=MotionFromVideoConfig)
     args: ArgsConfig = field(default_factory=ArgsConfig)  # run settings of the entry scripts
+    acceleration: AccelerationConfig = field(default_factory=AccelerationConfig)
     data: DataConfig = field(default_factory=DataConfig)  # fine-tuning clips
     deepspeed: Any = field(default_factory=dict)  # passed to DeepSpeed as is
 
@@ -533,7 +555,8 @@ CHOICES = {
     "trajectory.out_of_canvas": ["error", "clamp"],
     "args.mode": ["inference", "finetune"],
     "args.dtype": ["auto", "bf16", "fp32"],
-    "args.offload": ["none", "model"],
+    "args.offload": ["none", "model", "sequential"],
+    "acceleration.sdpa_backend": ["auto", "cudnn", "flash", "efficient", "math"],
     "args.input_type": ["txt", "cli"],
     "args.image_resize": ["stretch", "crop"],
     "trajectory.resample": ["official", "uniform"],

@@ -70,6 +70,58 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Elementwise hot paths of a layer, as pure tensor functions (one place to fuse them: --compile
+# replaces each by its torch.compile'd version, shared by all layers since only tensors go in).
+# ----------------------------------------------------------------------------------------------
+
+def modulated_norm(hidden, weight, bias, eps: float, text_length: int, text_shift, text_scale, shift, scale):
+    """LayerNorm of [B, L+N, D] then AdaLN modulation -> (text [B, L, D], video [B, N, D])."""
+    normed = F.layer_norm(hidden, hidden.shape[-1:], weight, bias, eps)
+    return (modulate(normed[:, :text_length], text_shift, text_scale),
+            modulate(normed[:, text_length:], shift, scale))
+
+
+def gated_residual(hidden, branch, text_length: int, text_gate, gate):
+    """hidden + gate * branch, with the text gate on the first ``text_length`` tokens."""
+    return torch.cat([hidden[:, :text_length] + text_gate * branch[:, :text_length],
+                      hidden[:, text_length:] + gate * branch[:, text_length:]], dim=1)
+
+
+def qk_norm_rope(q, k, qk_ln: bool, q_weight, q_bias, k_weight, k_bias, eps: float, cos, sin):
+    """q, k [B, S, heads, hd]: per-head LayerNorm (shared weights), then rotary (cos/sin [S, hd])."""
+    if qk_ln:
+        q = F.layer_norm(q, q.shape[-1:], q_weight, q_bias, eps)
+        k = F.layer_norm(k, k.shape[-1:], k_weight, k_bias, eps)
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + rotate_pairs(q) * sin, k * cos + rotate_pairs(k) * sin
+
+
+def mgf_fuse(tokens, frames: int, num_groups: int, eps: float, norm_weight, norm_bias, gamma, beta):
+    """MGF output tokens + GroupNorm(tokens) * gamma + beta for [B, T*h*w, D] tokens.
+
+    GroupNorm statistics per (sample, frame, group) over the frame's tokens and the group's channels,
+    in float32 (the official module asks for float32).  gamma/beta [B or 1, N, D].
+    """
+    b, n, d = tokens.shape
+    x = tokens.float().view(b, frames, n // frames, num_groups, d // num_groups)
+    var, mean = torch.var_mean(x, dim=(2, 4), keepdim=True, correction=0)
+    x = ((x - mean) * torch.rsqrt(var + eps)).view(b, n, d)
+    normed = (x * norm_weight.float() + norm_bias.float()).to(tokens.dtype)
+    return tokens + normed * gamma + beta
+
+
+KERNELS = {f.__name__: f for f in (modulated_norm, gated_residual, qk_norm_rope, mgf_fuse)}
+_kernels = dict(KERNELS)  # the versions in use
+
+
+def use_compiled_kernels(enabled: bool = True, **compile_options) -> None:
+    """Swap the hot-path functions for torch.compile'd ones (regional compilation: a few small
+    graphs compiled once, reused by every layer and step) or back to eager."""
+    for name, fn in KERNELS.items():
+        _kernels[name] = torch.compile(fn, dynamic=False, **compile_options) if enabled else fn
+
+
+# ----------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------
 
@@ -250,18 +302,11 @@ class MotionGuidanceFuser(nn.Module):
         return (branch(self.flow_gamma_spatial, self.flow_gamma_temporal),
                 branch(self.flow_beta_spatial, self.flow_beta_temporal))
 
-    def group_norm(self, tokens: torch.Tensor, frames: int) -> torch.Tensor:
-        """GroupNorm of [B, T*h*w, D] tokens, statistics per (sample, frame, group), in float32."""
-        b, n, d = tokens.shape
-        groups = self.flow_cond_norm.num_groups
-        x = tokens.float().view(b, frames, n // frames, groups, d // groups)
-        var, mean = torch.var_mean(x, dim=(2, 4), keepdim=True, correction=0)
-        x = ((x - mean) * torch.rsqrt(var + self.flow_cond_norm.eps)).view(b, n, d)
-        return (x * self.flow_cond_norm.weight.float() + self.flow_cond_norm.bias.float()).to(tokens.dtype)
-
     def forward(self, tokens: torch.Tensor, frames: int, gamma: torch.Tensor, beta: torch.Tensor):
         """tokens [B, N, D]; gamma/beta [B or 1, N, D] (1 broadcasts one motion over the batch)."""
-        return tokens + self.group_norm(tokens, frames) * gamma + beta
+        norm = self.flow_cond_norm
+        return _kernels["mgf_fuse"](tokens, frames, norm.num_groups, norm.eps, norm.weight, norm.bias,
+                                    gamma.to(tokens.dtype), beta.to(tokens.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,9 +332,24 @@ class AdaLNMixin(BaseMixin):
                 for _ in range(num_layers))
         self.fuser_list = nn.ModuleList(
             MotionGuidanceFuser(traj_channels, hidden_size, fuser_groups, fuser_eps) for _ in range(num_layers))
+        self.layer_hooks = []  # objects with before_layer(i)/after_layer(i), e.g. weight streaming
 
     def layer_forward(self, hidden_states, mask, *args, **kw):
         i = int(kw["layer_id"])
+        cache = kw.get("step_cache")
+        if cache is not None and cache.skips_layer(i):
+            return cache.skip(i, hidden_states)
+        for hook in self.layer_hooks:
+            hook.before_layer(i)
+        out = self.block(i, hidden_states, kw)
+        for hook in self.layer_hooks:
+            hook.after_layer(i)
+        if cache is not None:
+            cache.after_layer(i, hidden_states, out)
+        return out
+
+    def block(self, i: int, hidden_states: torch.Tensor, kw: dict) -> torch.Tensor:
+        """Layer i on [B, L+N, D] (text tokens first)."""
         text_length = kw["text_length"]
         layer = self.transformer.layers[i]
         mods = self.adaLN_modulations[i](kw["emb"]).unsqueeze(1).chunk(12, dim=-1)  # each [B, 1, D]
@@ -297,24 +357,20 @@ class AdaLNMixin(BaseMixin):
          text_shift_msa, text_scale_msa, text_gate_msa,
          text_shift_mlp, text_scale_mlp, text_gate_mlp) = mods
 
-        # Attention branch.  LayerNorm is per token, so normalise the whole sequence once.
-        normed = layer.input_layernorm(hidden_states)
-        text_in = modulate(normed[:, :text_length], text_shift_msa, text_scale_msa)
-        video_in = modulate(normed[:, text_length:], shift_msa, scale_msa)
+        # Attention branch: modulated LayerNorm, MGF on the video part, attention, gated residual.
+        ln = layer.input_layernorm
+        text_in, video_in = _kernels["modulated_norm"](hidden_states, ln.weight, ln.bias, ln.eps, text_length,
+                                                      text_shift_msa, text_scale_msa, shift_msa, scale_msa)
         video_in = self.fuse_motion(i, video_in, kw)
         attn = self.attention(layer, i, torch.cat([text_in, video_in], dim=1), kw["rope"])
-        gate = torch.cat([text_gate_msa.expand(-1, text_length, -1),
-                          gate_msa.expand(-1, attn.shape[1] - text_length, -1)], dim=1)
-        hidden_states = hidden_states + gate * attn
+        hidden_states = _kernels["gated_residual"](hidden_states, attn, text_length, text_gate_msa, gate_msa)
 
         # MLP branch.
-        normed = layer.post_attention_layernorm(hidden_states)
-        text_in = modulate(normed[:, :text_length], text_shift_mlp, text_scale_mlp)
-        video_in = modulate(normed[:, text_length:], shift_mlp, scale_mlp)
+        ln = layer.post_attention_layernorm
+        text_in, video_in = _kernels["modulated_norm"](hidden_states, ln.weight, ln.bias, ln.eps, text_length,
+                                                      text_shift_mlp, text_scale_mlp, shift_mlp, scale_mlp)
         mlp = layer.mlp(torch.cat([text_in, video_in], dim=1), layer_id=i)
-        gate = torch.cat([text_gate_mlp.expand(-1, text_length, -1),
-                          gate_mlp.expand(-1, mlp.shape[1] - text_length, -1)], dim=1)
-        return hidden_states + gate * mlp
+        return _kernels["gated_residual"](hidden_states, mlp, text_length, text_gate_mlp, gate_mlp)
 
     def fuse_motion(self, i: int, video_in: torch.Tensor, kw: dict) -> torch.Tensor:
         """Apply layer i's MGF when motion conditioning is present (see prepare_motion)."""
@@ -325,7 +381,7 @@ class AdaLNMixin(BaseMixin):
             gamma, beta = self.fuser_list[i].modulation(kw["motion_features"][i], frames)
         else:
             return video_in
-        fused = self.fuser_list[i](video_in, frames, gamma.to(video_in.dtype), beta.to(video_in.dtype))
+        fused = self.fuser_list[i](video_in, frames, gamma, beta)
         if kw.get("record") is not None:
             kw["record"][f"layer{i}_mgf_out"] = fused
         return fused
@@ -336,13 +392,12 @@ class AdaLNMixin(BaseMixin):
         heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
         qkv = attention.query_key_value(x).unflatten(-1, (3, heads, head_dim))  # [B, S, 3, heads, hd]
         q, k, v = qkv.unbind(dim=2)
+        norm_params = (False, None, None, None, None, 0.0)
         if self.qk_ln:
-            q = self.query_layernorm_list[i](q)
-            k = self.key_layernorm_list[i](k)
+            qn, kn = self.query_layernorm_list[i], self.key_layernorm_list[i]
+            norm_params = (True, qn.weight, qn.bias, kn.weight, kn.bias, qn.eps)
         cos, sin = rope  # [S, hd], identity rows for text tokens
-        cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + rotate_pairs(q) * sin
-        k = k * cos + rotate_pairs(k) * sin
+        q, k = _kernels["qk_norm_rope"](q, k, *norm_params, cos, sin)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return attention.dense(out.transpose(1, 2).flatten(2))
 

@@ -12,7 +12,8 @@ fixed order (image encode, motion encode, initial noise, sampler), so a seed fix
 
 Placement (``offload``): "none" keeps every component on the device; "model" (the official behaviour)
 keeps components on the CPU (pinned) and moves each onto the device only for its stage, so the DiT
-and the T5/VAE never share GPU memory.
+and the T5/VAE never share GPU memory; "sequential" also streams the DiT and T5 layer by layer.
+Speed modes (compile, fp8, step cache, CFG parallel, attention kernel) come from ``cfg.acceleration``.
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from . import acceleration
 from .checkpoint import init_on_device, load_dit_checkpoint, materialize
 from .diffusion import (DiscreteDenoiser, NoiseFn, VPSDEDPMPP2MSampler, conditioned_network, gaussian_noise)
-from .dit import DiffusionTransformer
-from .runtime import default_dtype, pick_device
+from .dit import DiffusionTransformer, use_compiled_kernels
+from .runtime import default_dtype, pick_device, rank_pairs
 from .text import GeneralConditioner, build_conditioner
 from .trajectory import draw_trajectories, load_motion_video
 from .vae import VideoAutoencoder, load_vae
@@ -108,14 +110,32 @@ class Generation:
 class ToraEngine:
     def __init__(self, cfg: DictConfig, dit: DiffusionTransformer, vae: Optional[VideoAutoencoder],
                  conditioner: Optional[GeneralConditioner], device: torch.device, offload: str = "model"):
-        if offload not in ("none", "model"):
-            raise ValueError(f"offload must be 'none' or 'model', got {offload!r}")
+        if offload not in ("none", "model", "sequential"):
+            raise ValueError(f"offload must be 'none', 'model' or 'sequential', got {offload!r}")
         self.cfg, self.device, self.offload = cfg, device, offload
         self.dtype = dit.dtype
+        self.speed = cfg.acceleration
+        self.last_step_cache = None  # the FirstBlockCache of the last video (its skip statistics)
+        if self.speed.fp8:
+            acceleration.use_fp8_matmuls(dit)
+        use_compiled_kernels(self.speed.compile)
+        self.cfg_group = rank_pairs() if self.speed.cfg_parallel else None
         place = Resident if offload == "none" or device.type == "cpu" else Offloaded
-        self.dit = place(dit.eval(), device)
-        self.vae = place(vae.eval(), device) if vae is not None else None
-        self.text = place(conditioner.eval(), device) if conditioner is not None else None
+        if offload == "sequential" and device.type == "cuda":
+            self.dit = acceleration.StreamedDiT(dit.eval(), device)
+            if conditioner is not None:
+                t5 = conditioner.embedder.transformer
+                acceleration.stream_blocks(t5.encoder.block, device)
+                blocks = {id(t) for t in t5.encoder.block.parameters()}
+                for t in list(conditioner.parameters()) + list(conditioner.buffers()):
+                    if id(t) not in blocks:
+                        t.data = t.data.to(device)
+            self.text = Resident(conditioner.eval(), device) if conditioner is not None else None
+            self.vae = Resident(vae.eval(), device) if vae is not None else None
+        else:
+            self.dit = place(dit.eval(), device)
+            self.vae = place(vae.eval(), device) if vae is not None else None
+            self.text = place(conditioner.eval(), device) if conditioner is not None else None
         self.denoiser = DiscreteDenoiser.from_config(cfg.model.denoiser_config)
         self.sampler = VPSDEDPMPP2MSampler.from_config(cfg.model.sampler_config, self.denoiser)
         self.scale_factor = cfg.model.scale_factor
@@ -201,7 +221,13 @@ class ToraEngine:
         uncond = {"crossattn": GeneralConditioner.unconditional(context)}
         if concat is not None:
             cond["concat"] = uncond["concat"] = concat
-        with self.dit.on_device() as dit, torch.no_grad():
+        with self.dit.on_device() as dit, torch.no_grad(), acceleration.sdpa_backend(self.speed.sdpa_backend):
+            network = conditioned_network(dit)
+            if self.cfg_group is not None:  # this rank computes one CFG half: keep its motion copy
+                group, half = self.cfg_group[0], self.cfg_group[1]
+                network = acceleration.cfg_parallel(network, group, half)
+                if motion is not None and motion.shape[0] == 2:
+                    motion = motion[half:half + 1]
             kwargs = {}
             if motion is not None:
                 level = self.motion_cache_level(motion.shape[0], x_T.shape[1])
@@ -209,9 +235,19 @@ class ToraEngine:
                     kwargs["video_flow"] = motion.to(self.dtype)
                 else:
                     kwargs["motion"] = dit.prepare_motion(motion, level)
-            samples = self.sampler(conditioned_network(dit), x_T, cond, uncond, noise_fn=noise_fn,
-                                   callback=progress, record=record, **kwargs)
+            self.last_step_cache = cache = self.step_cache(dit)
+            if cache is not None:
+                kwargs["step_cache"] = cache
+            samples = self.sampler(network, x_T, cond, uncond, noise_fn=noise_fn, callback=progress,
+                                   record=record, **kwargs)
         return samples.float()
+
+    def step_cache(self, dit: DiffusionTransformer):
+        settings = self.speed.step_cache
+        if not settings.enabled:
+            return None
+        return acceleration.FirstBlockCache(dit.params.num_layers, settings.threshold, settings.warmup_steps,
+                                            settings.max_consecutive_skips)
 
     def decode(self, latents: torch.Tensor, spans: Optional[list] = None) -> torch.Tensor:
         """Sampler latents [1, T, 16, h, w] -> video [1, 3, F, H, W] in [-1, 1] (official chunked decode)."""
@@ -234,7 +270,6 @@ class ToraEngine:
         num_frames = (latent_frames - 1) * self.time_compression + 1
         if noise_fn is None:
             noise_fn = gaussian_noise(torch.Generator(self.device).manual_seed(seed))
-        record = record if record is not None else {}
 
         if context is None:
             context = self.encode_prompt(prompt)
@@ -242,20 +277,23 @@ class ToraEngine:
         concat = None
         if image is not None:
             concat = self.image_latents(image, latent_frames, noise_fn)
-            record["image_latent_padded"] = concat
+            if record is not None:
+                record["image_latent_padded"] = concat
         motion, tracks = None, None
         if trajectory_files:
             motion_video = load_motion_video(trajectory_files, num_frames, self.video_size_hw, self.cfg.trajectory)
             tracks = motion_video.tracks
             motion = self.motion_latents(motion_video.video, noise_fn)
-            record.update(points=tracks, flow_image=motion_video.flow_image, video_flow_latent=motion)
+            if record is not None:
+                record.update(points=tracks, flow_image=motion_video.flow_image, video_flow_latent=motion)
         x_T = noise_fn(torch.empty(1, latent_frames, 16, *self.latent_size_hw, device=self.device))
         latents = self.sample_latents(context, x_T, noise_fn, motion, concat, progress, record)
         video = self.decode(latents, decode_spans)
-        record["decoded"] = video
+        if record is not None:
+            record["decoded"] = video
         frames = ((video[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)  # [F, H, W, 3] in [0, 1]
         frames = (frames * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
-        return Generation(frames, latents, tracks, record)
+        return Generation(frames, latents, tracks, record if record is not None else {})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,3 +76,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rank_pairs():
+    """Process groups of two consecutive ranks (CFG parallel): (my group, my rank in it, pair index,
+    number of pairs).  Every rank creates every group, as torch.distributed requires."""
+    init_distributed()
+    world = world_size()
+    if world % 2:
+        raise RuntimeError(f"CFG parallel needs an even number of processes, got {world}")
+    groups = [torch.distributed.new_group([2 * p, 2 * p + 1]) for p in range(world // 2)]
+    return groups[rank() // 2], rank() % 2, rank() // 2, world // 2

@@ -2,8 +2,8 @@
 
 Prompt files: one prompt per line (blank lines and lines starting with '#' are skipped); for
 image-to-video ``prompt@@image_name`` with the image looked up in ``args.img_dir``.  Prompt k (0-based,
-counting prompts, not lines) goes to rank k mod world_size and uses seed ``args.seed + k``, so a result
-does not depend on how many GPUs made it.
+counting prompts, not lines) goes to rank k mod world_size (with CFG parallel: to rank pair k mod
+world_size/2) and uses seed ``args.seed + k``, so a result does not depend on how many GPUs made it.
 
 Per sample, under ``args.output_dir`` (never overwriting: an existing name gets a ``-1``, ``-2`` ... suffix):
 
@@ -134,7 +134,7 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
         tmp = Path(f.name)
     try:
         with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=2,
-                                ffmpeg_params=["-crf", str(crf)], ffmpeg_log_level="error") as writer:
+                                ffmpeg_params=["-crf", str(crf), "-threads", "1"], ffmpeg_log_level="error") as writer:
             for frame in frames:
                 writer.append_data(frame)
         os.replace(tmp, path)
@@ -198,10 +198,15 @@ def run_sampling(cfg: DictConfig) -> list[Path]:
     if args.sampling_num_frames:
         num_frames = (args.sampling_num_frames - 1) * engine.time_compression + 1
     writer = OutputWriter(Path(args.output_dir), args.sampling_fps, args.video_crf)
-    rank, world = runtime.rank(), runtime.world_size()
+    rank = runtime.rank()
+    # Prompts are split over workers: single ranks, or rank pairs sharing one video (CFG parallel).
+    worker, workers, writes = rank, runtime.world_size(), True
+    if engine.cfg_group is not None:
+        _, half, worker, workers = engine.cfg_group
+        writes = half == 0
     written = []
     for spec in specs:
-        if spec.index % world != rank:
+        if spec.index % workers != worker:
             continue
         seed = args.seed + spec.index
         image = load_image(spec.image_path, engine.video_size_hw, args.image_resize) if spec.image_path else None
@@ -210,7 +215,8 @@ def run_sampling(cfg: DictConfig) -> list[Path]:
                   leave=False) as bar:
             generation = engine.generate(spec.text, trajectory_files, image=image, seed=seed,
                                          num_frames=num_frames, progress=lambda _: bar.update())
-        path = writer.write(spec, seed, generation, trajectory_files)
-        logger.info("[rank %d] wrote %s", rank, path)
-        written.append(path)
+        if writes:
+            path = writer.write(spec, seed, generation, trajectory_files)
+            logger.info("[rank %d] wrote %s", rank, path)
+            written.append(path)
     return written

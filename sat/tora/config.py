@@ -487,6 +487,37 @@ class ArgsConfig:
     latent_channels: int = 16
     force_inference: bool = True  # no effect: checkpoints always load strictly
     flow_from_prompt: bool = False
+    # -- training (train_video.py; official train_*.yaml names and values) ----------------------
+    experiment_name: str = "tora"  # run folder: <save>/<experiment_name>-MM-DD-HH-MM
+    save: str = "outputs/train"  # parent folder of the run folders
+    resume: Optional[str] = None  # a run folder: continue it from its 'latest' checkpoint
+    train_iters: int = 15000  # optimizer steps
+    train_data: List[str] = field(default_factory=lambda: ["training_examples"])  # SFT data folders
+    num_workers: int = 8  # DataLoader worker processes per rank
+    save_interval: int = 2000  # a checkpoint every N iterations (and at the end)
+    keep_last_checkpoints: int = 0  # delete older checkpoints, keeping the last N (0 = keep all)
+    log_interval: int = 1  # SAT's log line every N iterations (metrics.jsonl gets every step)
+    tensorboard: bool = False  # TensorBoard events in <run>/tensorboard
+    checkpoint_activations: bool = True  # recompute each DiT layer in the backward pass (memory)
+    warmup: float = 0.01  # linear warmup over this fraction of train_iters (SAT AnnealingLR)
+    lr_decay_style: str = "linear"  # after warmup: linear | cosine | exponential | constant
+    lr_decay_iters: Optional[int] = None  # length of the decay (default: train_iters)
+    lr_decay_ratio: float = 0.1  # cosine: final lr = ratio * lr
+    # SAT finetune mode: the first N steps run at min(auto_warmup_rate * lr, warmup lr).
+    auto_warmup_steps: int = 100
+    auto_warmup_rate: float = 0.05
+    ema_decay: float = 0.0  # > 0: EMA of the trainable weights, saved as <iter>-ema (official 0.9999)
+    exit_interval: Optional[int] = None  # stop (after saving, if due) at a multiple of N iterations
+    model_parallel_size: int = 1  # only 1
+    # Official keys accepted for compatibility, without effect (no evaluation during training).
+    force_train: bool = True
+    no_load_rng: bool = True
+    only_log_video_latents: bool = True
+    eval_iters: int = 1
+    eval_interval: Optional[int] = None
+    eval_batch_size: int = 1
+    valid_data: Optional[List[str]] = None
+    split: str = "1,0,0"
 
 
 @dataclass
@@ -564,6 +595,7 @@ CHOICES = {
     "motion_from_video.raft_model": ["raft_large", "raft_small"],
     "motion_from_video.stage": ["dense", "sparse"],
     "motion_from_video.tracking": ["official", "subpixel"],
+    "args.lr_decay_style": ["linear", "cosine", "exponential", "constant"],
 }
 
 
@@ -584,6 +616,7 @@ def _describe(err: OmegaConfBaseException, source: str) -> str:
 def schema() -> DictConfig:
     cfg = OmegaConf.structured(ToraConfig)
     OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.deepspeed, False)  # DeepSpeed's own config: any keys, checked by DeepSpeed
     return cfg
 
 

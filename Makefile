@@ -32,3 +32,18 @@ demo: setup
 		configs/tora/inference.yaml --load ckpts/tiny/i2v --image2video --img_dir assets/images \
 		--input-file assets/i2v_prompts.txt --point_path trajs/pause.txt --output-dir samples/demo
 	@echo "demo videos: samples/demo/video (trajectory overlay: samples/demo/traj_video)"
+
+# Fine-tune the tiny model on training_examples/ on the CPU (SAT training_main + DeepSpeed, gloo,
+# fp32; random-weight RAFT, so the motion conditioning is arbitrary), then sample from the new
+# checkpoint.  Writes outputs/train-demo/tiny-*/ (metrics.jsonl, checkpoints) and samples/train-demo/.
+TRAIN_DEMO_BASE := configs/tora/model/tora_tiny.yaml configs/tora/train_dense.yaml configs/tora/train_tiny.yaml
+train-demo: setup
+	$(PY) scripts/make_tiny_checkpoints.py --if-missing
+	$(PY) -c "import sys; sys.path.insert(0, 'sat'); from tora.training import write_random_raft; \
+		write_random_raft('ckpts/tiny/raft/raft_small_random.pth', 'raft_small', if_missing=True)"
+	rm -rf outputs/train-demo
+	$(PY) sat/train_video.py --base $(TRAIN_DEMO_BASE)
+	$(PY) sat/sample_video.py --base configs/tora/model/tora_tiny.yaml configs/tora/inference.yaml \
+		--load $$(ls -d outputs/train-demo/tiny-* | tail -n 1) --input-file training_examples/labels/disc_line.txt \
+		--point_path trajs/diagonal.txt --output-dir samples/train-demo
+	@echo "training run: $$(ls -d outputs/train-demo/tiny-* | tail -n 1) (metrics.jsonl, checkpoints); samples: samples/train-demo/video"

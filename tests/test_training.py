@@ -223,6 +223,25 @@ def test_only_the_motion_modules_are_trainable_and_decay_follows_the_official_gr
         ToraTrainingModule(dit, None, ["no_such_module"]).disable_untrainable_params()
 
 
+def test_a_base_without_motion_modules_loads_and_initialises_them(micro, tmp_path):
+    """Stage 1 starts from the CogVideoX-5B SAT transformer, which has no extractor and no fusers."""
+    from tora.checkpoint import CheckpointError, save_checkpoint
+    cfg = load_config(TRAIN_BASE, micro_overrides(micro))
+    tora_state = {k[len("model.diffusion_model."):]: v for k, v in dit_state(micro / "t2v/1").items()}
+    motion = [k for k in tora_state if k.startswith(training.MOTION_MODULE_KEYS)]
+    save_checkpoint({k: v for k, v in tora_state.items() if k not in motion}, tmp_path / "cogvideox-sat/transformer", 1000)
+    dit = build_dit(cfg, None, torch.device("cpu"), torch.float32, seed=5)
+    assert training.load_base_weights(dit, tmp_path / "cogvideox-sat") == 1000  # the download folder works too
+    loaded = dit.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in tora_state.items() if k not in motion)
+    for fuser in dit.fusers:  # a fresh fuser is the identity
+        assert not fuser.flow_gamma_temporal.weight.any() and not fuser.flow_beta_temporal.bias.any()
+    assert dit.traj_extractor.conv_in.weight.std() > 0 and not dit.traj_extractor.conv_in.bias.any()
+    save_checkpoint({k: v for k, v in tora_state.items() if k != motion[0]}, tmp_path / "partial", 1)
+    with pytest.raises(CheckpointError, match="missing 1 key"):
+        training.load_base_weights(dit, tmp_path / "partial")
+
+
 def test_small_frames_are_resized_for_raft_and_the_flow_scaled_back():
     class ConstantRaft(StubRaft):
         def forward(self, image1, image2, num_flow_updates=12):

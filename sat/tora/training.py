@@ -35,7 +35,7 @@ Run folder ``<save>/<experiment_name>-MM-DD-HH-MM/`` (or the folder given to ``-
                                            master weights (one file per rank), trainable weights
     <iter>-ema/mp_rank_00_model_states.pt  the DiT with EMA weights (fp32) when args.ema_decay > 0
     metrics.jsonl                          one line per step (step, loss, lr, grad_norm, times ...)
-    training_config.yaml                   the merged config of the run
+    training_config.yaml, train.log        the merged config of the run; its log
     tensorboard/                           when args.tensorboard
 
 A save writes everything into ``.incomplete-<iter>/``, renames the folders into place, then
@@ -69,7 +69,7 @@ from .checkpoint import (DIT_PREFIX, MODEL_FILE, CheckpointError, atomic_write_t
 from .config import ConfigError
 from .diffusion import DiscreteDenoiser, VideoDiffusionLoss, conditioned_network, gaussian_noise
 from .dit import DiffusionTransformer
-from .runtime import DTYPES, default_dtype, local_rank, pick_device
+from .runtime import DTYPES, default_dtype, pick_device
 from .tracking import dense_motion_flow, raft_flows, track_keypoints
 from .trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
 
@@ -100,8 +100,8 @@ def step_seed(seed: int, iteration: int, micro_batch: int, rank: int, stream: in
 
 @dataclass
 class StepRandom:
-    """Generators of one micro-batch: ``cpu`` for small draws (keypoints, dropouts, timesteps),
-    ``device`` for tensor-sized ones (posterior samples, diffusion noise)."""
+    """Generators of one micro-batch: ``cpu`` for small draws (keypoints, dropouts, I2V noise level),
+    ``device`` for the rest (posterior samples, diffusion timesteps and noise)."""
     cpu: torch.Generator
     device: torch.Generator
 
@@ -352,15 +352,15 @@ def load_base_weights(dit: DiffusionTransformer, path: str | os.PathLike, seed: 
     state = load_state_dict(file)
     if any(k.startswith(DIT_PREFIX) for k in state):
         state = {k[len(DIT_PREFIX):]: v for k, v in state.items() if k.startswith(DIT_PREFIX)}
-    missing = [k for k in dit.state_dict() if k not in state]
-    motion_missing = [k for k in missing if k.startswith(MOTION_MODULE_KEYS)]
-    if motion_missing:
+    motion_keys = [k for k in dit.state_dict() if k.startswith(MOTION_MODULE_KEYS)]
+    motion_missing = [k for k in motion_keys if k not in state]
+    if motion_missing and len(motion_missing) == len(motion_keys):  # a base without Tora modules
         expected = {k: v for k, v in dit.state_dict().items() if not k.startswith(MOTION_MODULE_KEYS)}
         load_into_subset(dit, expected, state, str(file))
         init_motion_modules_(dit, seed)
         logger.info("%s has no motion modules (%d tensors): trajectory extractor and fusers start from "
                     "their initialisation (fusers = identity)", file, len(motion_missing))
-    else:
+    else:  # a Tora checkpoint: everything must be there
         load_into(dit, state, str(file))
     return iteration
 
@@ -811,17 +811,17 @@ class Trainer:
         data_s = time.perf_counter() - start
         rng = StepRandom.for_step(self.cfg.args.seed, iteration, micro, self.rank, self.device)
         inputs = self.preparer(batch, rng)
+        timing = self._step_timing
+        if self.device.type == "cuda":  # peak of the frozen preprocessing (RAFT, VAE encodes, T5)
+            timing["peak_prepare_gib"] = max(timing.get("peak_prepare_gib", 0.0), self._peak_gib())
         start = time.perf_counter()
         loss = model(inputs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        timing = self._step_timing
         timing["data_s"] = timing.get("data_s", 0.0) + data_s
         for key, value in self.preparer.timing.items():
             timing[key] = timing.get(key, 0.0) + value
         timing["dit_forward_s"] = timing.get("dit_forward_s", 0.0) + time.perf_counter() - start
-        if self.device.type == "cuda":
-            timing["peak_prepare_gib"] = max(timing.get("peak_prepare_gib", 0.0), self._peak_gib())
         return loss, {}
 
     def train_step(self, original):

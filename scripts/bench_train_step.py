@@ -143,7 +143,7 @@ def summarize(records: list[dict], warmup: int, device: torch.device, stage: str
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5, help="training steps in all (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=6, help="training steps in all (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     parser.add_argument("--stage", choices=["dense", "sparse"], default="dense")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke test)")
@@ -157,12 +157,20 @@ def main(argv=None) -> str:
         cfg = make_config(args, tmp / "runs", raft_file)
         params = cfg.data.params
         dataset = RandomClips(params.max_num_frames, *params.video_size)
+        print(f"config: {args.stage} stage, {params.max_num_frames} x {params.video_size[0]} x "
+              f"{params.video_size[1]} clip, ZeRO-{cfg.deepspeed.zero_optimization.stage}, activation "
+              f"checkpointing {cfg.args.checkpoint_activations}, EMA {cfg.args.ema_decay}", flush=True)
         start = time.perf_counter()
         try:
             run_training(cfg, build=build_random, dataset=dataset)
         except SystemExit as stop:  # SAT's exit_interval after the last step: no checkpoint written
             if stop.code not in (None, 0):
                 raise
+        except torch.OutOfMemoryError:
+            print(f"OUT OF MEMORY; peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
+                  f"reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB", flush=True)
+            print(torch.cuda.memory_summary(abbreviated=True), flush=True)
+            raise
         (run_dir,) = (tmp / "runs").iterdir()
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

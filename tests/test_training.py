@@ -420,8 +420,10 @@ def fixed_draw_loss(cfg, weights, data) -> float:
 
 def test_image_to_video_sparse_stage_with_activation_checkpointing(micro, tmp_path):
     run_dir = train(micro_cfg(micro, tmp_path, *I2V, f"args.load={micro / 'i2v'}", "args.train_iters=2",
-                              "args.checkpoint_activations=true", "motion_from_video.stage=sparse"))
+                              "args.checkpoint_activations=true", "motion_from_video.stage=sparse",
+                              "args.tensorboard=true", "args.log_interval=1"))
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     before, after = dit_state(micro / "i2v/1"), dit_state(run_dir / "2")
     assert any(not torch.equal(before[k], after[k]) for k in before if ".fuser_list." in k)
 

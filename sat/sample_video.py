@@ -11,9 +11,13 @@ Precedence: --base files in order < flags < key=value overrides.
 """
 import argparse
 import logging
+import os
 import re
 import sys
 import warnings
+
+# Large, changing activation shapes: let the CUDA allocator grow segments instead of fragmenting.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 

@@ -346,7 +346,8 @@ class MotionConfig:
     # (fastest; 2 x layers x tokens x hidden extra memory), "features" = extractor output only,
     # "none" = recompute every step (the official behaviour).  "auto" picks "modulation" when it fits.
     cache: str = "auto"
-    cache_budget_gib: float = 20.0  # "auto" caches gamma/beta only below this size
+    cache_budget_gib: float = 20.0  # "auto" caches gamma/beta only below this size ...
+    activation_headroom_gib: float = 8.0  # ... and only if this much GPU memory stays free besides
     # Official: the conditional and unconditional CFG halves get separate VAE posterior samples of
     # the motion video.  False shares one sample (half the extractor/fuser work).
     separate_cfg_samples: bool = True

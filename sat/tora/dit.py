@@ -47,7 +47,8 @@ from .runtime import init_distributed
 # ----------------------------------------------------------------------------------------------
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift, in one pass over x."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0,

@@ -54,7 +54,7 @@ class Offloaded:
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.module, self.device = module, device
         pin = device.type == "cuda"
-        self.host = {name: (t.data.pin_memory() if pin else t.data) for name, t in self._tensors()}
+        self.host = {name: (t.data.cpu().pin_memory() if pin else t.data.cpu()) for name, t in self._tensors()}
         self._attach(self.host)
 
     def _tensors(self):
@@ -210,7 +210,13 @@ class ToraEngine:
         p = self.cfg.model.network_config.params
         tokens = latent_frames * self.latent_size_hw[0] * self.latent_size_hw[1] // p.patch_size ** 2
         cache_bytes = 2 * p.num_layers * motion_batch * tokens * p.hidden_size * self.dtype.itemsize
-        return "modulation" if cache_bytes <= self.cfg.model.motion.cache_budget_gib * 2**30 else "features"
+        budget = self.cfg.model.motion.cache_budget_gib * 2**30
+        if self.device.type == "cuda":  # leave room for the step's activations
+            # free = the driver's free memory + what PyTorch's allocator holds but does not use
+            free = (torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
+                    - torch.cuda.memory_allocated(self.device))
+            budget = min(budget, free - self.cfg.model.motion.activation_headroom_gib * 2**30)
+        return "modulation" if cache_bytes <= budget else "features"
 
     def sample_latents(self, context: torch.Tensor, x_T: torch.Tensor, noise_fn: NoiseFn,
                        motion: Optional[torch.Tensor] = None, concat: Optional[torch.Tensor] = None,

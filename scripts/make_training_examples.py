@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))  # the `tora` package
 
-from tora.data import write_mp4  # noqa: E402
+from tora.video_io import write_mp4  # noqa: E402
 
 HEIGHT, WIDTH = 240, 360
 # Pixel-centre coordinates [H, W]: pixel (row i, column j) has its centre at x = j, y = i.

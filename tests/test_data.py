@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from tora.config import ConfigError, DataParams, load_config
 from tora.data import (DataError, SFTDataset, UnusableClip, find_clips, pad_with_last_frame,
-                       resize_center_crop, sample_frame_indices, to_model_range, write_mp4)
+                       resize_center_crop, sample_frame_indices, to_model_range)
+from tora.video_io import write_mp4
 
 OFFICIAL_EXAMPLES = Path("/work/shared/data/training_examples")
 PROJECT_EXAMPLES = Path(__file__).resolve().parents[1] / "training_examples"

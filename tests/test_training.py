@@ -380,7 +380,7 @@ def test_tiny_overfit_run_lowers_the_loss(micro, tmp_path):
     """One 11-frame clip (always the same 5 frames), 2 samples per step, no text dropout: the motion
     modules learn it; the loss at fixed timesteps and noise falls."""
     import decord
-    from tora.data import write_mp4
+    from tora.video_io import write_mp4
     data = tmp_path / "one_clip"
     frames = decord.VideoReader(str(REPO / "training_examples/videos/disc_line.mp4")).get_batch(list(range(11)))
     write_mp4(data / "videos/disc.mp4", frames.asnumpy(), fps=8)

@@ -21,11 +21,9 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import av
 import decord
 import numpy as np
 import torch
@@ -180,20 +178,6 @@ def read_clip_frames(path: Path, params: DataParams, rng: np.random.Generator) -
     except (RuntimeError, decord.DECORDError) as err:
         raise UnusableClip(f"cannot decode: {str(err).splitlines()[0]}") from None
     return torch.from_numpy(frames).permute(0, 3, 1, 2)
-
-
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> None:
-    """Write uint8 RGB frames [F, H, W, 3] (even H and W) as an H.264 mp4 (yuv420p).
-    x264 runs single-threaded so that thread scheduling cannot change the bytes."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001),
-                                      options={"crf": str(crf), "threads": "1"})
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())  # flush
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 import torch  # noqa: E402
 
 from tora import acceleration  # noqa: E402
-from tora.checkpoint import init_on_device, materialize  # noqa: E402
+from tora.checkpoint import init_on_device  # noqa: E402
 from tora.config import load_config  # noqa: E402
 from tora.diffusion import gaussian_noise  # noqa: E402
 from tora.dit import use_compiled_kernels  # noqa: E402

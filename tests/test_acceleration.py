@@ -101,3 +101,29 @@ def test_sdpa_backend_choice(dit):
     with torch.no_grad(), acceleration.sdpa_backend("math"):
         math = dit(x, t, ctx, video_flow=flow)
     torch.testing.assert_close(math, dit(x, t, ctx, video_flow=flow), rtol=1e-4, atol=1e-4)
+
+
+def test_vae_encode_falls_back_to_chunks_when_out_of_memory(caplog):
+    from types import SimpleNamespace
+
+    from tora.config import load_config
+    from tora.engine import ToraEngine
+
+    class FakeVAE:
+        params = SimpleNamespace(encode_chunk_frames=0)
+        calls = []
+
+        def encode(self, video, chunk_frames=None):
+            self.calls.append(chunk_frames)
+            if chunk_frames is None:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return "posterior"
+
+    engine = ToraEngine.__new__(ToraEngine)
+    engine.cfg = load_config()
+    vae = FakeVAE()
+    assert engine._encode_within_memory(vae, torch.zeros(1, 3, 49, 8, 8)) == "posterior"
+    assert vae.calls == [None, 8] and "8-frame chunks" in caplog.text
+    engine.cfg.model.first_stage_config.params.encode_fallback_chunk_frames = 0
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine._encode_within_memory(FakeVAE(), torch.zeros(1, 3, 49, 8, 8))

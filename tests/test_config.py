@@ -56,3 +56,8 @@ def test_unreadable_files(tmp_path):
         load_config([broken])
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config([], ["num_steps"])
+
+
+def test_override_with_broken_yaml_value():
+    with pytest.raises(ConfigError, match="cannot parse command-line overrides"):
+        load_config([], ["model.first_stage_config.params.ignore_keys=[loss"])

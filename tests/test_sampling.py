@@ -9,8 +9,11 @@ from pathlib import Path
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+import torch
 
 import sample_video
+from safetensors.torch import load_file
+
 from tora.sampling import PromptError, read_prompt_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,11 +100,19 @@ def test_prompts_from_stdin(tiny_ckpts, tmp_path, monkeypatch):
         "0000_first_prompt_seed1234.txt", "0001_second_prompt_seed1235.txt"]
 
 
+def assert_same_latents(out_a, out_b, video_names):
+    """Compare the sampled latents (the mp4s are lossy: a 1-level pixel difference can change the encoding)."""
+    for name in video_names:
+        stem = name.removesuffix(".mp4") + ".safetensors"
+        a, b = load_file(out_a / "latents" / stem)["latents"], load_file(out_b / "latents" / stem)["latents"]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
 def test_two_ranks_split_prompts_and_match_one_rank(tiny_ckpts, tmp_path):
     file = prompts(tmp_path, "one", "two", "three")
     args = ["--base", str(MODEL / "tora_tiny.yaml"), str(REPO / "configs/tora/inference.yaml"),
             "--load", str(tiny_ckpts / "t2v"), "--input-file", str(file),
-            "--point_path", str(REPO / "trajs/circle.txt"), *fast(tiny_ckpts)]
+            "--point_path", str(REPO / "trajs/circle.txt"), "args.save_latents=true", *fast(tiny_ckpts)]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "sat"), os.environ.get("PYTHONPATH")])))
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -112,16 +123,14 @@ def test_two_ranks_split_prompts_and_match_one_rank(tiny_ckpts, tmp_path):
     sample_video.main([*args, "--output-dir", str(tmp_path / "one")])
     names = sorted(p.name for p in (tmp_path / "one" / "video").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "two" / "video").iterdir()) and len(names) == 3
-    for name in names:
-        a, b = read_video(tmp_path / "one/video" / name), read_video(tmp_path / "two/video" / name)
-        assert np.abs(a.astype(int) - b).max() <= 1, name  # same seed -> same video on any rank
+    assert_same_latents(tmp_path / "one", tmp_path / "two", names)  # same seed -> same video on any rank
 
 
 def test_cfg_parallel_on_two_ranks_matches_one_rank(tiny_ckpts, tmp_path):
     file = prompts(tmp_path, "one", "two")
     args = ["--base", str(MODEL / "tora_tiny.yaml"), str(REPO / "configs/tora/inference.yaml"),
             "--load", str(tiny_ckpts / "t2v"), "--input-file", str(file),
-            "--point_path", str(REPO / "trajs/circle.txt"), *fast(tiny_ckpts)]
+            "--point_path", str(REPO / "trajs/circle.txt"), "args.save_latents=true", *fast(tiny_ckpts)]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "sat"), os.environ.get("PYTHONPATH")])))
     pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -132,9 +141,7 @@ def test_cfg_parallel_on_two_ranks_matches_one_rank(tiny_ckpts, tmp_path):
     sample_video.main([*args, "--output-dir", str(tmp_path / "one")])
     names = sorted(p.name for p in (tmp_path / "one" / "video").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "pair" / "video").iterdir()) and len(names) == 2
-    for name in names:  # float-rounding differences (batch 1 vs 2), which the lossy codec may enlarge locally
-        a, b = read_video(tmp_path / "one/video" / name), read_video(tmp_path / "pair/video" / name)
-        assert np.abs(a.astype(int) - b).mean() < 0.1, name
+    assert_same_latents(tmp_path / "one", tmp_path / "pair", names)
 
 
 # -- bad input ------------------------------------------------------------------------------

@@ -327,6 +327,8 @@ class VAEParams:
     # 8 = diffusers' batching (less memory, different group-norm statistics).  A multiple of
     # temporal_compress_times.
     encode_chunk_frames: int = 0
+    # When the one-pass encode runs out of GPU memory, retry in chunks of this many frames (0: fail).
+    encode_fallback_chunk_frames: int = 8
 
 
 @dataclass
@@ -483,6 +485,7 @@ class ArgsConfig:
     sampling_num_frames: Optional[int] = None  # latent frames (official 13); default: the model's
     sampling_fps: int = 8  # frame rate of the written videos
     video_crf: int = 18  # libx264 quality of the written videos (official 18)
+    save_latents: bool = False  # also write the sampled latents (latents/<name>.safetensors)
     # Official keys accepted for compatibility; only the official values are supported.
     batch_size: int = 1
     latent_channels: int = 16
@@ -653,7 +656,11 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (),
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"command-line override must look like key.path=value, got {bad[0]!r}")
-        cfg = merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except Exception as err:  # a YAML syntax error in a value
+            raise ConfigError(f"cannot parse command-line overrides {list(overrides)}: {err}") from None
+        cfg = merge(cfg, dotlist, "command line")
     validate(cfg)
     return cfg
 

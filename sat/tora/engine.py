@@ -183,9 +183,24 @@ class ToraEngine:
 
         One Gaussian draw shaped like the whole batch's latents (the official order)."""
         with self.vae.on_device() as vae:
-            posterior = vae.encode(video.to(self.device, self.dtype))
+            posterior = self._encode_within_memory(vae, video.to(self.device, self.dtype))
             latents = posterior.sample(eps=noise_fn(posterior.mean))
         return (self.scale_factor * latents).permute(0, 2, 1, 3, 4).float()
+
+    def _encode_within_memory(self, vae: VideoAutoencoder, video: torch.Tensor):
+        """The official one-pass encode of all frames needs ~40 GiB at 49x480x720; when the GPU has less,
+        fall back to causal chunks (``encode_fallback_chunk_frames``; slightly different latents)."""
+        try:
+            return vae.encode(video)
+        except torch.cuda.OutOfMemoryError:
+            fallback = self.cfg.model.first_stage_config.params.encode_fallback_chunk_frames
+            if not fallback or vae.params.encode_chunk_frames:
+                raise
+            torch.cuda.empty_cache()
+            logger.warning("VAE encode of %d frames in one pass ran out of GPU memory; encoding in %d-frame "
+                           "chunks instead (model.first_stage_config.params.encode_chunk_frames sets this)",
+                           video.shape[2], fallback)
+            return vae.encode(video, chunk_frames=fallback)
 
     def motion_latents(self, motion_video: torch.Tensor, noise_fn: NoiseFn) -> torch.Tensor:
         """Motion video [1, 3, F, H, W] -> latents [copies, T, 16, h, w] for the CFG batch.
@@ -330,9 +345,11 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None
     """Random weights (benchmarks, tiny checkpoints): N(0, std) matrices, unit norms, zero biases."""
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if "freqs_" in name or not tensor.is_floating_point():
+        if "freqs_" in name:  # rotary tables: derived from the config, not weights
             continue
-        if name.endswith("running_var") or (tensor.dim() == 1 and name.endswith("weight")):
+        if not tensor.is_floating_point():
+            tensor.zero_()  # BatchNorm's num_batches_tracked (uninitialised after a meta build)
+        elif name.endswith("running_var") or (tensor.dim() == 1 and name.endswith("weight")):
             tensor.fill_(1.0)
         elif name.endswith("running_mean") or tensor.dim() == 1:
             tensor.zero_()

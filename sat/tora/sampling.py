@@ -11,28 +11,28 @@ Per sample, under ``args.output_dir`` (never overwriting: an existing name gets 
     traj_video/<name>.mp4   the same video with the trajectories drawn over it
     traj/<name>.json        the per-frame trajectory points (video pixels) and the files they came from
     prompt/<name>.txt       the prompt
+    latents/<name>.safetensors  the sampled latents, with ``args.save_latents``
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-import imageio.v2 as imageio
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import runtime
 from .engine import ToraEngine
+from .video_io import write_mp4
 
 logger = logging.getLogger(__name__)
 
@@ -128,25 +128,11 @@ def slug(text: str, limit: int = 60) -> str:
     return cleaned[:limit] or "prompt"
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
-    """frames [F, H, W, 3] uint8 -> libx264 mp4, written to a temporary name and renamed into place."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4", delete=False) as f:
-        tmp = Path(f.name)
-    try:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=2,
-                                ffmpeg_params=["-crf", str(crf), "-threads", "1"], ffmpeg_log_level="error") as writer:
-            for frame in frames:
-                writer.append_data(frame)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class OutputWriter:
-    SUBDIRS = {"video": ".mp4", "traj_video": ".mp4", "traj": ".json", "prompt": ".txt"}
+    SUBDIRS = {"video": ".mp4", "traj_video": ".mp4", "traj": ".json", "prompt": ".txt", "latents": ".safetensors"}
 
-    def __init__(self, root: Path, fps: int, crf: int):
-        self.root, self.fps, self.crf = root, fps, crf
+    def __init__(self, root: Path, fps: int, crf: int, save_latents: bool = False):
+        self.root, self.fps, self.crf, self.save_latents = root, fps, crf, save_latents
         for sub in self.SUBDIRS:
             (root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -161,6 +147,9 @@ class OutputWriter:
     def write(self, spec: PromptSpec, seed: int, generation, trajectory_files: list[str]) -> Path:
         name = self.free_name(f"{spec.index:04d}_{slug(spec.text)}_seed{seed}")
         (self.root / "prompt" / f"{name}.txt").write_text(spec.text + "\n")
+        if self.save_latents:  # sampler latents [1, T, 16, h, w] (scaled): decode later or compare runs
+            save_file({"latents": generation.latents.contiguous().cpu()},
+                      str(self.root / "latents" / f"{name}.safetensors"))
         write_mp4(self.root / "video" / f"{name}.mp4", generation.frames, self.fps, self.crf)
         if generation.tracks is not None:
             write_mp4(self.root / "traj_video" / f"{name}.mp4", generation.overlay(), self.fps, self.crf)
@@ -197,7 +186,7 @@ def run_sampling(cfg: DictConfig) -> list[Path]:
     num_frames = None
     if args.sampling_num_frames:
         num_frames = (args.sampling_num_frames - 1) * engine.time_compression + 1
-    writer = OutputWriter(Path(args.output_dir), args.sampling_fps, args.video_crf)
+    writer = OutputWriter(Path(args.output_dir), args.sampling_fps, args.video_crf, args.save_latents)
     rank = runtime.rank()
     # Prompts are split over workers: single ranks, or rank pairs sharing one video (CFG parallel).
     worker, workers, writes = rank, runtime.world_size(), True

@@ -287,14 +287,15 @@ class VideoAutoencoder(nn.Module):
         return next(self.autoencoder.parameters()).dtype
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> Posterior:
+    def encode(self, video: torch.Tensor, chunk_frames: int | None = None) -> Posterior:
         """video [B, 3, f, H, W] in [-1, 1] -> posterior over latents [B, C, t, H/8, W/8].
 
         One sample at a time; each sample's frames go through the encoder in one call (official) or in
-        chunks of ``encode_chunk_frames`` linked by the causal-conv cache.
+        chunks of ``chunk_frames`` (default ``encode_chunk_frames``) linked by the causal-conv cache.
         """
         _check_layout(video, self.autoencoder.config.in_channels, "video", "b c f h w")
-        spans = chunk_spans(video.shape[2], self.params.encode_chunk_frames)
+        chunk = self.params.encode_chunk_frames if chunk_frames is None else chunk_frames
+        spans = chunk_spans(video.shape[2], chunk)
         moments = [_causal_chunks(self.autoencoder.encoder, sample[None].to(self.dtype), spans) for sample in video]
         return Posterior(torch.cat(moments))
 

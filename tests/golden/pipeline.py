@@ -1,6 +1,5 @@
 """Golden runners: end-to-end sampling (trajectory -> VAE -> sampler with the DiT -> decode)."""
 import torch
-from omegaconf import OmegaConf
 
 from tora.config import load_config
 from tora.dit import DiffusionTransformer

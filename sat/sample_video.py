@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--sampling-num-frames", dest="sampling_num_frames", type=int, help="latent frames (13 = 49 frames)")
     p.add_argument("--no-flow-injection", dest="no_flow_injection", action="store_const", const=True,
                    help="ignore trajectories (plain CogVideoX behaviour)")
+    p.add_argument("--save-latents", dest="save_latents", action="store_const", const=True,
+                   help="also write the sampled latents (latents/<name>.safetensors)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU, else CPU)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--offload", choices=["none", "model", "sequential"],

@@ -12,7 +12,6 @@ Precedence: --base files in order < flags < key=value overrides.
 import argparse
 import logging
 import os
-import re
 import sys
 import warnings
 
@@ -21,7 +20,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
-from tora.config import ConfigError, load_config  # noqa: E402
+from tora.config import ConfigError, load_config, parse_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,15 +53,8 @@ def parse_args(argv=None):
     speed.add_argument("--cfg-parallel", dest="cfg_parallel", action="store_const", const=True,
                        help="CFG halves on two GPUs (torchrun with an even number of processes)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.sampler_config.params.num_steps=30")
-    # key=value tokens may stand anywhere (also after a list flag such as --point_path a.txt b.txt)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    overrides = [t for t in argv if OVERRIDE.match(t)]
-    options = p.parse_args([t for t in argv if not OVERRIDE.match(t)])
-    options.overrides += overrides
-    return options
+    return parse_cli(p, argv)
 
-
-OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
 
 
 def main(argv=None):

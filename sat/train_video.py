@@ -17,15 +17,12 @@ deepspeed.optimizer.params.lr=5e-5.  Precedence: --base files in order < flags <
 """
 import argparse
 import logging
-import re
 import sys
 import warnings
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
-from tora.config import ConfigError, load_config  # noqa: E402
-
-OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
+from tora.config import ConfigError, load_config, parse_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,11 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda (default: this rank's GPU, else CPU)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. args.ema_decay=0")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    overrides = [t for t in argv if OVERRIDE.match(t)]
-    options = p.parse_args([t for t in argv if not OVERRIDE.match(t)])
-    options.overrides += overrides
-    return options
+    return parse_cli(p, argv)
 
 
 def main(argv=None):

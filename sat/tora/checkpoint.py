@@ -116,23 +116,32 @@ def check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
     return problems
 
 
-def load_dit_checkpoint(model: torch.nn.Module, path: str | os.PathLike, prefix: str = DIT_PREFIX,
-                        strict: bool = True) -> int | None:
-    """Load DiT weights from a SAT checkpoint into ``model`` (cast to its dtype). Returns the iteration.
+def read_dit_state(path: str | os.PathLike, prefix: str = DIT_PREFIX):
+    """(DiT state dict with ``prefix`` stripped, file, iteration) of a checkpoint in any layout.
 
-    Keys outside ``prefix`` (VAE/T5 entries of a whole-engine checkpoint) are ignored.  A file whose
-    keys lack the prefix entirely is accepted as a bare DiT state dict.
+    Keys outside ``prefix`` (VAE/T5 entries of a whole-engine checkpoint) are dropped.  A file whose
+    keys lack the prefix entirely is taken as a bare DiT state dict.
     """
     file, iteration = resolve_checkpoint(path)
     state = load_state_dict(file)
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state, file, iteration
+
+
+def load_dit_checkpoint(model: torch.nn.Module, path: str | os.PathLike, prefix: str = DIT_PREFIX,
+                        strict: bool = True) -> int | None:
+    """Load DiT weights from a SAT checkpoint into ``model`` (cast to its dtype). Returns the iteration."""
+    state, file, iteration = read_dit_state(path, prefix)
     load_into(model, state, str(file), strict=strict)
     return iteration
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True):
-    expected = model.state_dict()
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True,
+              exclude: tuple[str, ...] = ()):
+    """Copy ``state`` into ``model`` after checking keys; entries starting with ``exclude`` are left alone
+    (neither expected nor loaded)."""
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(exclude)}
     check_keys(expected, state, source, strict=strict)
     with torch.no_grad():
         for key, target in expected.items():

@@ -14,6 +14,8 @@ type or an unknown ``target`` is a :class:`ConfigError` naming the key path and 
 """
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -615,6 +617,18 @@ def _describe(err: OmegaConfBaseException, source: str) -> str:
     if key:
         return f"invalid value for '{key}' (in {source}): {msg}"
     return f"invalid config (in {source}): {msg}"
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")  # a command-line token key.path=value
+
+
+def parse_cli(parser, argv=None):
+    """``parser.parse_args`` where ``key=value`` config overrides may stand anywhere on the line (also
+    after a list flag such as ``--point_path a.txt b.txt``); they end up in ``options.overrides``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options = parser.parse_args([t for t in argv if not OVERRIDE.match(t)])
+    options.overrides = [t for t in argv if OVERRIDE.match(t)]
+    return options
 
 
 def schema() -> DictConfig:

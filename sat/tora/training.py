@@ -64,8 +64,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import sat_compat
-from .checkpoint import (DIT_PREFIX, MODEL_FILE, CheckpointError, atomic_write_text, load_dit_checkpoint,
-                         load_into, load_state_dict, resolve_checkpoint)
+from .checkpoint import (MODEL_FILE, CheckpointError, atomic_write_text, load_dit_checkpoint, load_into,
+                         load_state_dict, read_dit_state, resolve_checkpoint)
 from .config import ConfigError
 from .diffusion import DiscreteDenoiser, VideoDiffusionLoss, conditioned_network, gaussian_noise
 from .dit import DiffusionTransformer
@@ -348,33 +348,17 @@ def load_base_weights(dit: DiffusionTransformer, path: str | os.PathLike, seed: 
     """Load ``args.load`` into the DiT: a Tora checkpoint (all keys), or the CogVideoX-5B SAT base,
     which lacks the motion modules - those get :func:`init_motion_modules_`.  Any other missing,
     unexpected or mis-shaped key is an error.  Returns the checkpoint's iteration (or None)."""
-    file, iteration = resolve_checkpoint(base_checkpoint(path))
-    state = load_state_dict(file)
-    if any(k.startswith(DIT_PREFIX) for k in state):
-        state = {k[len(DIT_PREFIX):]: v for k, v in state.items() if k.startswith(DIT_PREFIX)}
+    state, file, iteration = read_dit_state(base_checkpoint(path))
     motion_keys = [k for k in dit.state_dict() if k.startswith(MOTION_MODULE_KEYS)]
     motion_missing = [k for k in motion_keys if k not in state]
     if motion_missing and len(motion_missing) == len(motion_keys):  # a base without Tora modules
-        expected = {k: v for k, v in dit.state_dict().items() if not k.startswith(MOTION_MODULE_KEYS)}
-        load_into_subset(dit, expected, state, str(file))
+        load_into(dit, state, str(file), exclude=MOTION_MODULE_KEYS)
         init_motion_modules_(dit, seed)
         logger.info("%s has no motion modules (%d tensors): trajectory extractor and fusers start from "
                     "their initialisation (fusers = identity)", file, len(motion_missing))
     else:  # a Tora checkpoint: everything must be there
         load_into(dit, state, str(file))
     return iteration
-
-
-def load_into_subset(model: nn.Module, expected: dict, state: dict, source: str) -> None:
-    """Strictly load ``state`` into the ``expected`` entries of ``model``'s state dict."""
-    from .checkpoint import check_keys, reset_derived_buffers
-    check_keys(expected, state, source)
-    with torch.no_grad():
-        for key, target in expected.items():
-            if key in state:
-                target.copy_(state[key])
-    if not any(k.endswith("freqs_cos") for k in state):
-        reset_derived_buffers(model)
 
 
 def build_components(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Components:

@@ -61,3 +61,13 @@ def test_unreadable_files(tmp_path):
 def test_override_with_broken_yaml_value():
     with pytest.raises(ConfigError, match="cannot parse command-line overrides"):
         load_config([], ["model.first_stage_config.params.ignore_keys=[loss"])
+
+
+def test_every_project_target_names_an_existing_object():
+    import importlib
+
+    from tora.config import TARGETS
+    for owner, allowed in TARGETS.items():
+        for target in (t for t in allowed if t.startswith("tora.")):
+            module, name = target.rsplit(".", 1)
+            assert hasattr(importlib.import_module(module), name), f"{owner}: {target}"

@@ -557,9 +557,9 @@ TARGETS = {
     "model.denoiser_config": ["sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
                               "tora.diffusion.DiscreteDenoiser"],
     "model.denoiser_config.params.weighting_config": [
-        "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting", "tora.diffusion.EpsWeighting"],
+        "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"],  # unused by the video loss
     "model.denoiser_config.params.scaling_config": [
-        "sgm.modules.diffusionmodules.denoiser_scaling.VideoScaling", "tora.diffusion.VideoScaling"],
+        "sgm.modules.diffusionmodules.denoiser_scaling.VideoScaling"],  # tora.diffusion.video_scaling
     "model.sampler_config": ["sgm.modules.diffusionmodules.sampling.VPSDEDPMPP2MSampler",
                              "tora.diffusion.VPSDEDPMPP2MSampler"],
     "model.sampler_config.params.guider_config": [
@@ -575,12 +575,12 @@ TARGETS = {
     "model.first_stage_config": ["vae_modules.autoencoder.VideoAutoencoderInferenceWrapper",
                                  "tora.vae.VideoAutoencoder"],
     "model.first_stage_config.params.encoder_config": [
-        "vae_modules.cp_enc_dec.ContextParallelEncoder3D", "tora.vae.Encoder3D"],
+        "vae_modules.cp_enc_dec.ContextParallelEncoder3D"],
     "model.first_stage_config.params.decoder_config": [
-        "vae_modules.cp_enc_dec.ContextParallelDecoder3D", "tora.vae.Decoder3D"],
+        "vae_modules.cp_enc_dec.ContextParallelDecoder3D"],
     "model.first_stage_config.params.loss_config": ["torch.nn.Identity"],
     "model.first_stage_config.params.regularizer_config": [
-        "vae_modules.regularizers.DiagonalGaussianRegularizer", "tora.vae.DiagonalGaussianRegularizer"],
+        "vae_modules.regularizers.DiagonalGaussianRegularizer", "tora.vae.Posterior"],
     "data": ["data_video.SFTDataset", "tora.data.SFTDataset"],
 }
 

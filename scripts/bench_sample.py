@@ -9,16 +9,22 @@ Phases (``--phases``, comma-separated):
   matmul   measured bf16 matmul rate of this machine (the "floor" = FLOPs / this rate)
   step     one CFG denoising step (batch 2), median of several after warm-up, per attention kernel
   profile  torch.profiler table of the top kernels of one step
-  e2e      one 50-step video end to end (T5, trajectory -> motion latents, sampling, VAE decode), offload none
-  memory   peak GPU memory of the default (offload model) and sequential-offload modes (short runs)
+  e2e      one 50-step video end to end (T5, trajectory -> motion latents, sampling, VAE decode), offload
+           none, for each of ``--e2e-modes`` (exact, compile)
+  memory   peak GPU memory of each ``--memory`` variant (short runs), overall and per stage
   modes    fast modes (compile, fp8, step cache, combined): average step time over a full sampling run
-           and latent PSNR against the exact mode on the same seed and inputs
+           and latent PSNR against the exact mode on the same seed and inputs; ``cache@0.3`` sets the
+           step cache's threshold
+
+Memory variants: ``;``-separated, each ``offload[,setting...]`` where a setting is ``chunk=N`` (VAE encode
+in N-frame chunks), ``tile=N`` (VAE decode tiles of N latent pixels) or any ``key=value`` config override.
 
 Results go to stdout (a table last) and, with ``--out DIR``, to DIR/bench.json.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -224,18 +230,30 @@ def phase_profile(engine: ToraEngine, backend: str, top: int = 15) -> str:
 
 
 def generate_timed(engine: ToraEngine, seed: int = 0, num_frames=None) -> dict:
-    """One video with per-stage wall times (synchronised)."""
-    device, marks = engine.device, {}
+    """One video with per-stage wall times (synchronised) and per-stage peak GPU memory (GiB)."""
+    device, marks, peaks = engine.device, {}, {}
     original = {name: getattr(engine, name) for name in ("encode_prompt", "motion_latents", "sample_latents",
                                                          "decode")}
+
+    overall = {"peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0}
+
+    def note_overall():  # the stages reset the peak counters: keep the running maximum here
+        for key, value in peak_gib(device).items():
+            overall[key] = max(overall[key], value)
 
     def wrap(name):
         def run(*args, **kwargs):
             sync(device)
+            if device.type == "cuda":
+                note_overall()
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             out = original[name](*args, **kwargs)
             sync(device)
             marks[name] = marks.get(name, 0.0) + time.perf_counter() - t0
+            if device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+                note_overall()
             return out
         return run
 
@@ -252,18 +270,39 @@ def generate_timed(engine: ToraEngine, seed: int = 0, num_frames=None) -> dict:
         for name in original:
             delattr(engine, name)
     marks["trajectory_and_other"] = marks["total"] - sum(v for k, v in marks.items() if k != "total")
-    return {"seconds": marks, "frames": list(result.frames.shape), "latents": result.latents}
+    note_overall()
+    return {"seconds": marks, "peak_gib_by_stage": peaks, "peak": overall if device.type == "cuda" else {},
+            "frames": list(result.frames.shape), "latents": result.latents}
 
 
-def phase_modes(engine: ToraEngine, modes: list[str]) -> list[dict]:
-    """Full sampling runs (no T5/VAE) from identical inputs; PSNR of each mode's latents vs exact."""
+@contextlib.contextmanager
+def sampling_steps(engine: ToraEngine, steps: int | None):
+    """Temporarily sample with ``steps`` steps (sampler and dynamic-CFG schedule); None = as configured."""
+    sampler, guider = engine.sampler, engine.sampler.guider
+    saved = sampler.num_steps, getattr(guider, "num_steps", None)
+    if steps:
+        sampler.num_steps = steps
+        if saved[1] is not None:
+            guider.num_steps = steps
+    try:
+        yield
+    finally:
+        sampler.num_steps = saved[0]
+        if saved[1] is not None:
+            guider.num_steps = saved[1]
+
+
+def phase_modes(engine: ToraEngine, modes: list[str], steps: int | None = None) -> list[dict]:
+    """Full sampling runs of ``steps`` steps (no T5/VAE) from identical inputs; PSNR of each mode's
+    latents vs exact."""
     inputs = StepInputs(engine, seed=1)
     x_T = inputs.x[:1].clone()
     context = inputs.context[:1]
     rows, reference = [], None
     for mode in modes:
         try:
-            rows.append(run_mode(engine, mode, context, x_T, inputs.motion_latents))
+            with sampling_steps(engine, steps):
+                rows.append(run_mode(engine, mode, context, x_T, inputs.motion_latents))
         except Exception as err:  # one failing mode (kernel unavailable, compile error) must not end the run
             rows.append({"mode": mode, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"})
             print("mode failed:", rows[-1], flush=True)
@@ -276,9 +315,12 @@ def phase_modes(engine: ToraEngine, modes: list[str]) -> list[dict]:
 
 def run_mode(engine: ToraEngine, mode: str, context, x_T, motion_latents) -> dict:
     """Two sampling runs in ``mode`` (the first includes compilation); the second is timed."""
-    settings = set(mode.split("+")) - {"exact"}
+    settings = {part.split("@")[0] for part in mode.split("+")} - {"exact"}
+    threshold = [float(part.split("@")[1]) for part in mode.split("+") if part.startswith("cache@")]
+    default_threshold = engine.speed.step_cache.threshold
     engine.speed.compile = "compile" in settings
     engine.speed.step_cache.enabled = "cache" in settings
+    engine.speed.step_cache.threshold = threshold[0] if threshold else default_threshold
     use_compiled_kernels(engine.speed.compile)
     dit = engine.dit.module
     restore = None
@@ -306,11 +348,55 @@ def run_mode(engine: ToraEngine, mode: str, context, x_T, motion_latents) -> dic
                  layer.mlp.dense_4h_to_h) = restore[i]
         engine.speed.compile = False
         engine.speed.step_cache.enabled = False
+        engine.speed.step_cache.threshold = default_threshold
         use_compiled_kernels(False)
     cache = engine.last_step_cache
     return {"mode": mode, "avg_step_s": seconds / engine.sampler.num_steps, "run_s": seconds,
             "first_run_s": first_s, "latents": latents,
-            "skipped_steps": cache.skipped_calls if cache is not None else 0}
+            "skipped_steps": cache.skipped_calls if cache is not None else 0,
+            "cache_changes": [round(c, 4) for c in cache.changes] if cache is not None else []}
+
+
+def phase_e2e(engine: ToraEngine, mode: str, sdpa: str) -> dict:
+    """One full video (offload none) in speed mode ``mode`` (exact | compile); a compiled run is
+    preceded by a short untimed warm-up video so that compilation is not counted."""
+    engine.speed.compile = mode == "compile"
+    use_compiled_kernels(engine.speed.compile)
+    try:
+        if engine.speed.compile:
+            t0 = time.perf_counter()
+            with sampling_steps(engine, 2):  # compile on a 2-step video
+                generate_timed(engine)
+            warmup_s = time.perf_counter() - t0
+        reset_peak(engine.device)
+        run = generate_timed(engine)
+    finally:
+        engine.speed.compile = False
+        use_compiled_kernels(False)
+    row = {"mode": mode, **run["seconds"], **run["peak"], "sdpa_backend": sdpa,
+           "steps": engine.sampler.num_steps, "peak_gib_by_stage": run["peak_gib_by_stage"]}
+    if mode == "compile":
+        row["compile_warmup_s"] = warmup_s
+    return row
+
+
+# What the README recommends for 24 / 16 / 8 GiB cards, from the default to the leanest.
+DEFAULT_MEMORY_VARIANTS = ("model,model.motion.cache=features;"
+                           "model,chunk=8,tile=32,model.motion.cache=features;"
+                           "sequential,chunk=8,tile=32,model.motion.cache=features;"
+                           "sequential,chunk=4,tile=16,model.motion.cache=features")
+MEMORY_ALIASES = {"chunk": "model.first_stage_config.params.encode_chunk_frames",
+                  "tile": "model.first_stage_config.params.decode_tile_latent_size"}
+
+
+def parse_memory_variant(variant: str) -> tuple[str, list[str]]:
+    """'sequential,chunk=4,tile=16' -> ('sequential', [config overrides])."""
+    offload, *settings = [part.strip() for part in variant.split(",") if part.strip()]
+    overrides = []
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        overrides.append(f"{MEMORY_ALIASES.get(key, key)}={value}")
+    return offload, overrides
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +409,11 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--phases", default="matmul,step,profile,e2e,memory")
     parser.add_argument("--modes", default="exact,compile,fp8,cache,compile+fp8+cache")
+    parser.add_argument("--modes-steps", type=int, default=None,
+                        help="sampling steps of each modes-phase run (default: as configured)")
+    parser.add_argument("--e2e-modes", default="exact", help="speed modes of the e2e phase: exact, compile")
+    parser.add_argument("--memory", default=DEFAULT_MEMORY_VARIANTS,
+                        help="memory variants (see above); default: %(default)s")
     parser.add_argument("--backends", default="auto,cudnn,flash", help="SDPA kernels for the step phase")
     parser.add_argument("--repeat", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--out", type=Path, default=None, help="folder for bench.json")
@@ -348,34 +439,32 @@ def main(argv=None):
             results["step"] = phase_step(engine, results.get("matmul_tflops"), args.repeat, args.backends.split(","))
             print("step:", json.dumps(results["step"]), flush=True)
         best = min((r for r in results.get("step", []) if "step_s" in r), key=lambda r: r["step_s"],
-                   default={"sdpa_backend": "auto"})["sdpa_backend"]
+                   default={"sdpa_backend": args.backends.split(",")[0]})["sdpa_backend"]
         engine.speed.sdpa_backend = best
         if "profile" in phases:
             results["profile"] = phase_profile(engine, best)
             print(results["profile"], flush=True)
         if "e2e" in phases:
-            reset_peak(device)
-            e2e = generate_timed(engine)
-            results["e2e"] = {**e2e["seconds"], **peak_gib(device), "sdpa_backend": best}
-            print("e2e:", json.dumps(results["e2e"]), flush=True)
+            results["e2e"] = []
+            for mode in args.e2e_modes.split(","):
+                results["e2e"].append(phase_e2e(engine, mode, best))
+                print("e2e:", json.dumps(results["e2e"][-1]), flush=True)
         if "modes" in phases:
-            results["modes"] = phase_modes(engine, args.modes.split(","))
+            results["modes"] = phase_modes(engine, args.modes.split(","), args.modes_steps)
             print("modes:", json.dumps(results["modes"]), flush=True)
         del engine
         reset_peak(device)
 
     if "memory" in phases:
         results["memory"] = []
-        short = ["model.sampler_config.params.num_steps=3"]
-        # What a 24 GiB card would pick: motion features cached, per-layer gamma/beta derived per step.
-        for offload, extra in (("model", ["model.motion.cache=features"]),
-                               ("sequential", ["model.motion.cache=features",
-                                               "model.first_stage_config.params.decode_tile_latent_size=32"])):
-            mcfg = make_config(args.tiny, [*args.overrides, *short, *extra])
+        for variant in args.memory.split(";"):
+            offload, extra = parse_memory_variant(variant)
+            mcfg = make_config(args.tiny, [*args.overrides, "model.sampler_config.params.num_steps=3", *extra])
             engine = build_engine(mcfg, device, dtype, args.tiny, workdir, offload=offload)
             reset_peak(device)
             run = generate_timed(engine)
-            results["memory"].append({"offload": offload, **peak_gib(device), "seconds": run["seconds"]})
+            results["memory"].append({"variant": variant, "offload": offload, **run["peak"],
+                                      "peak_gib_by_stage": run["peak_gib_by_stage"], "seconds": run["seconds"]})
             print("memory:", json.dumps(results["memory"][-1]), flush=True)
             del engine
             reset_peak(device)
@@ -398,18 +487,20 @@ def print_table(results: dict) -> None:
             print(f"| CFG step, sdpa={row['sdpa_backend']} | {row['step_s']:.3f} s ({row['tflops']:.0f} TFLOP/s{floor}) |")
         else:
             print(f"| CFG step, sdpa={row['sdpa_backend']} | unavailable: {row['error']} |")
-    if "e2e" in results:
-        e = results["e2e"]
-        print(f"| one video end to end (offload none) | {e['total']:.1f} s (T5 {e.get('encode_prompt', 0):.1f}, "
-              f"motion {e.get('motion_latents', 0):.1f}, sampling {e.get('sample_latents', 0):.1f}, "
-              f"decode {e.get('decode', 0):.1f}, other {e['trajectory_and_other']:.1f}) |")
+    for e in results.get("e2e", []):
+        print(f"| one {e['steps']}-step video, {e['mode']}, offload none | {e['total']:.1f} s "
+              f"(T5 {e.get('encode_prompt', 0):.1f}, motion {e.get('motion_latents', 0):.1f}, "
+              f"sampling {e.get('sample_latents', 0):.1f}, decode {e.get('decode', 0):.1f}, "
+              f"other {e['trajectory_and_other']:.1f}) |")
         if "peak_allocated_gib" in e:
-            print(f"| peak memory, offload none | {e['peak_allocated_gib']:.1f} GiB allocated, "
+            print(f"| peak memory, {e['mode']}, offload none | {e['peak_allocated_gib']:.1f} GiB allocated, "
                   f"{e['peak_reserved_gib']:.1f} GiB reserved |")
     for m in results.get("memory", []):
         if "peak_allocated_gib" in m:
-            print(f"| peak memory, offload {m['offload']} | {m['peak_allocated_gib']:.1f} GiB allocated, "
-                  f"{m['peak_reserved_gib']:.1f} GiB reserved ({m['seconds']['total']:.0f} s, 3 steps) |")
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in m["peak_gib_by_stage"].items())
+            print(f"| peak memory, {m['variant']} | {m['peak_allocated_gib']:.1f} GiB allocated, "
+                  f"{m['peak_reserved_gib']:.1f} GiB reserved; by stage: {stages} ({m['seconds']['total']:.0f} s, "
+                  f"3 steps) |")
     for m in results.get("modes", []):
         if "error" in m:
             print(f"| mode {m['mode']} | failed: {m['error']} |")

@@ -18,12 +18,25 @@ def test_flop_count_reproduces_the_reference_figures():
 
 def test_tiny_benchmark_runs_every_phase(tmp_path, capsys):
     results = bench_sample.main(["--tiny", "--device", "cpu", "--phases", "matmul,step,e2e,memory,modes",
-                                 "--backends", "auto,math", "--repeat", "1", "--modes", "exact,fp8,cache",
+                                 "--backends", "auto,math", "--repeat", "1", "--modes", "exact,fp8,cache@0.5",
+                                 "--memory", "model;sequential,chunk=4,tile=16", "--modes-steps", "2",
                                  "--out", str(tmp_path), "model.sampler_config.params.num_steps=3",
                                  "model.sampler_config.params.guider_config.params.num_steps=3"])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert [r["sdpa_backend"] for r in saved["step"]] == ["auto", "math"]
-    assert saved["e2e"]["total"] > 0 and [m["offload"] for m in saved["memory"]] == ["model", "sequential"]
-    assert [m["mode"] for m in results["modes"]] == ["exact", "fp8", "cache"]
+    assert [e["mode"] for e in saved["e2e"]] == ["exact"] and saved["e2e"][0]["total"] > 0
+    assert [m["offload"] for m in saved["memory"]] == ["model", "sequential"]
+    assert [m["mode"] for m in results["modes"]] == ["exact", "fp8", "cache@0.5"]
     assert results["modes"][1]["psnr_db"] < float("inf")  # fp8 is not bit-exact
     assert "| CFG step, sdpa=auto |" in capsys.readouterr().out
+
+
+def test_memory_variants_expand_their_aliases():
+    assert bench_sample.parse_memory_variant("sequential, chunk=4,tile=16,model.motion.cache=features") == (
+        "sequential", ["model.first_stage_config.params.encode_chunk_frames=4",
+                       "model.first_stage_config.params.decode_tile_latent_size=16",
+                       "model.motion.cache=features"])
+    for variant in bench_sample.DEFAULT_MEMORY_VARIANTS.split(";"):  # every default variant is a valid config
+        offload, overrides = bench_sample.parse_memory_variant(variant)
+        assert offload in ("model", "sequential")
+        bench_sample.make_config(tiny=False, overrides=overrides)

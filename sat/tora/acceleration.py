@@ -198,6 +198,7 @@ class FirstBlockCache:
         self.last = num_layers - 1
         self.threshold, self.warmup_calls, self.max_skips = threshold, warmup_calls, max_consecutive_skips
         self.calls = self.skipped_calls = self.consecutive = 0
+        self.changes: list[float] = []  # the measured relative change of every compared call (diagnostics)
         self.skipping = False
         self.first_residual = self.first_output = self.rest_residual = None
 
@@ -224,8 +225,9 @@ class FirstBlockCache:
         if (previous is None or self.rest_residual is None or self.calls < self.warmup_calls
                 or self.consecutive >= self.max_skips or previous.shape != residual.shape):
             return False
-        change = (residual - previous).abs().mean() / previous.abs().mean().clamp(min=1e-12)
-        return bool(change < self.threshold)  # one host sync per step
+        change = float((residual - previous).abs().mean() / previous.abs().mean().clamp(min=1e-12))
+        self.changes.append(change)  # one host sync per step
+        return change < self.threshold
 
 
 # ----------------------------------------------------------------------------------------------

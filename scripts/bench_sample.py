@@ -17,7 +17,8 @@ Phases (``--phases``, comma-separated):
            step cache's threshold
 
 Memory variants: ``;``-separated, each ``offload[,setting...]`` where a setting is ``chunk=N`` (VAE encode
-in N-frame chunks), ``tile=N`` (VAE decode tiles of N latent pixels) or any ``key=value`` config override.
+in N-frame chunks), ``etile=N`` / ``tile=N`` (VAE encode / decode tiles of N latent pixels) or any
+``key=value`` config override.
 
 Results go to stdout (a table last) and, with ``--out DIR``, to DIR/bench.json.
 """
@@ -384,8 +385,9 @@ def phase_e2e(engine: ToraEngine, mode: str, sdpa: str) -> dict:
 DEFAULT_MEMORY_VARIANTS = ("model,model.motion.cache=features;"
                            "model,chunk=8,tile=32,model.motion.cache=features;"
                            "sequential,chunk=8,tile=32,model.motion.cache=features;"
-                           "sequential,chunk=4,tile=16,model.motion.cache=features")
+                           "sequential,chunk=8,etile=32,tile=32,model.motion.cache=features")
 MEMORY_ALIASES = {"chunk": "model.first_stage_config.params.encode_chunk_frames",
+                  "etile": "model.first_stage_config.params.encode_tile_latent_size",
                   "tile": "model.first_stage_config.params.decode_tile_latent_size"}
 
 
@@ -409,6 +411,8 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--phases", default="matmul,step,profile,e2e,memory")
     parser.add_argument("--modes", default="exact,compile,fp8,cache,compile+fp8+cache")
+    parser.add_argument("--compiled-step", action="store_true",
+                        help="step and profile phases with the regionally compiled kernels (--compile)")
     parser.add_argument("--modes-steps", type=int, default=None,
                         help="sampling steps of each modes-phase run (default: as configured)")
     parser.add_argument("--e2e-modes", default="exact", help="speed modes of the e2e phase: exact, compile")
@@ -435,6 +439,8 @@ def main(argv=None):
 
     if {"step", "profile", "e2e", "modes"} & set(phases):
         engine = build_engine(cfg, device, dtype, args.tiny, workdir, offload="none")
+        use_compiled_kernels(args.compiled_step)  # step/profile phases (the warm-up steps compile)
+        results["compiled_step"] = args.compiled_step
         if "step" in phases:
             results["step"] = phase_step(engine, results.get("matmul_tflops"), args.repeat, args.backends.split(","))
             print("step:", json.dumps(results["step"]), flush=True)
@@ -444,6 +450,7 @@ def main(argv=None):
         if "profile" in phases:
             results["profile"] = phase_profile(engine, best)
             print(results["profile"], flush=True)
+        use_compiled_kernels(False)
         if "e2e" in phases:
             results["e2e"] = []
             for mode in args.e2e_modes.split(","):
@@ -484,7 +491,8 @@ def print_table(results: dict) -> None:
     for row in results.get("step", []):
         if "step_s" in row:
             floor = f", {row['ratio_to_floor']:.2f}x floor" if "ratio_to_floor" in row else ""
-            print(f"| CFG step, sdpa={row['sdpa_backend']} | {row['step_s']:.3f} s ({row['tflops']:.0f} TFLOP/s{floor}) |")
+            kind = "compiled" if results.get("compiled_step") else "exact"
+            print(f"| CFG step, {kind}, sdpa={row['sdpa_backend']} | {row['step_s']:.3f} s ({row['tflops']:.0f} TFLOP/s{floor}) |")
         else:
             print(f"| CFG step, sdpa={row['sdpa_backend']} | unavailable: {row['error']} |")
     for e in results.get("e2e", []):

@@ -46,6 +46,37 @@ def test_streamed_layers_compute_the_same_function(dit):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def _stack_of_blocks():
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+    model.head = torch.nn.Linear(4, 4)
+    model.forward = lambda x: model.head(model.blocks[2](model.blocks[1](model.blocks[0](x))))
+    return model
+
+
+def test_streamed_blocks_compute_the_same_function():
+    model, x = _stack_of_blocks(), torch.randn(2, 4)
+    expected = model(x)
+    with acceleration.StreamedBlocks(model, model.blocks, torch.device("cpu")).on_device() as module:
+        torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="placement across devices needs a GPU")
+def test_streamed_blocks_keep_block_weights_on_the_host_except_while_running():
+    model, x = _stack_of_blocks(), torch.randn(2, 4)
+    expected = model(x)
+    placed = acceleration.StreamedBlocks(model, model.blocks, torch.device("cuda"))
+    assert {p.device.type for p in model.blocks.parameters()} == {"cpu"}
+    assert {p.device.type for p in model.head.parameters()} == {"cuda"}
+    seen = []
+    model.blocks[1].register_forward_pre_hook(lambda m, _a: seen.append(m.weight.device.type))
+    with placed.on_device() as module:
+        torch.testing.assert_close(module(x.cuda()).cpu(), expected)
+    assert seen == ["cuda"]  # on the device while it runs, back on the host afterwards
+    assert model.blocks[1].weight.device.type == "cpu"
+
+
 def test_fp8_linear_is_close_and_replaces_every_layer_matmul():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)

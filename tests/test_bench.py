@@ -28,7 +28,7 @@ def test_tiny_benchmark_runs_every_phase(tmp_path, capsys):
     assert [m["offload"] for m in saved["memory"]] == ["model", "sequential"]
     assert [m["mode"] for m in results["modes"]] == ["exact", "fp8", "cache@0.5"]
     assert results["modes"][1]["psnr_db"] < float("inf")  # fp8 is not bit-exact
-    assert "| CFG step, sdpa=auto |" in capsys.readouterr().out
+    assert "| CFG step, exact, sdpa=auto |" in capsys.readouterr().out
 
 
 def test_memory_variants_expand_their_aliases():

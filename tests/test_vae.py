@@ -72,7 +72,8 @@ def test_encoder_and_decoder_must_share_the_network_shape():
 
 
 @pytest.mark.parametrize("setting, value", [("decode_chunk_latent_frames", 3), ("encode_chunk_frames", 6),
-                                            ("decode_tile_latent_size", 4)])
+                                            ("decode_tile_latent_size", 4), ("encode_tile_latent_size", 4),
+                                            ("encode_tile_overlap_latent", -1)])
 def test_bad_schedules_are_rejected(setting, value):
     with pytest.raises(ConfigError, match=f"'model.first_stage_config.params.{setting}' = {value}: must be"):
         VideoAutoencoder(tiny_params(**{setting: value}))
@@ -215,6 +216,20 @@ def test_spatial_tiling(vae):
     assert torch.allclose(out[..., :16, :16], vae.decode(z[..., :4, :4])[..., :16, :16], atol=1e-6)
     one_tile = latents(1, height=4, width=4)
     assert torch.equal(tiled.decode(one_tile), vae.decode(one_tile))
+
+
+def test_spatial_tiling_of_the_encoder(vae):
+    tiled = VideoAutoencoder(tiny_params(encode_tile_latent_size=4, encode_tile_overlap_latent=2))
+    tiled.load_state_dict(vae.state_dict())
+    clip = video(5, height=48, width=56)  # latent 6 x 7: tiles start at 0, 2 (rows) and 0, 2, 3 (columns)
+    moments = tiled.encode(clip).mean
+    assert moments.shape == vae.encode(clip).mean.shape == (1, 16, 2, 6, 7)
+    assert not torch.allclose(moments, vae.encode(clip).mean, atol=1e-4)  # tiles see less context
+    # Latent pixels only the first tile covers are that tile's encode.
+    first_tile = vae.encode(clip[..., :32, :32]).mean
+    assert torch.allclose(moments[..., :2, :2], first_tile[..., :2, :2], atol=1e-6)
+    one_tile = video(5, height=32, width=32)
+    assert torch.equal(tiled.encode(one_tile).mean, vae.encode(one_tile).mean)
 
 
 def test_bad_input_layouts(vae):

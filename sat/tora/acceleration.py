@@ -6,7 +6,7 @@ on separately and measured against exact by ``scripts/bench_sample.py``:
 * ``LayerStreamer``      - sequential offload: transformer layer i's weights live in pinned host memory and
                            are copied onto the GPU just before layer i runs (layer i+1 is prefetched on a
                            side stream), so the DiT needs about one layer of weights on the GPU.
-* ``stream_blocks``      - the same for any module list that is called block by block (the T5 encoder).
+* ``StreamedBlocks``     - the same for a module that calls its blocks one by one (the T5 encoder).
 * ``Fp8Linear``          - Hopper fp8 (e4m3) matmuls with per-row weight and per-token activation scales.
 * ``FirstBlockCache``    - step caching: when the first layer's residual barely changed since the previous
                            step, reuse the previous step's residual of all other layers.
@@ -117,16 +117,25 @@ class StreamedDiT:
             hooks.remove(self.streamer)
 
 
-def stream_blocks(blocks: nn.ModuleList, device: torch.device) -> None:
-    """Forward hooks that keep each block's weights on the host except while the block runs.
+class StreamedBlocks:
+    """Placement for ``offload: sequential`` of a module that calls its blocks one after the other
+    (the T5 encoder): forward hooks put each block's weights on the device only while the block
+    runs; the module's other tensors (embeddings, final norm) stay on the device."""
 
-    For modules that call their blocks one after the other (the T5 encoder); the rest of the
-    module must be placed on ``device`` by the caller.
-    """
-    copies = [_HostCopy([b], pin=device.type == "cuda") for b in blocks]
-    for block, copy in zip(blocks, copies):
-        block.register_forward_pre_hook(lambda _m, _a, c=copy: c.attach(c.to(device)))
-        block.register_forward_hook(lambda _m, _a, _o, c=copy: c.attach(c.host))
+    def __init__(self, module: nn.Module, blocks: nn.ModuleList, device: torch.device):
+        self.module = module
+        copies = [_HostCopy([b], pin=device.type == "cuda") for b in blocks]
+        for block, copy in zip(blocks, copies):
+            block.register_forward_pre_hook(lambda _m, _a, c=copy: c.attach(c.to(device)))
+            block.register_forward_hook(lambda _m, _a, _o, c=copy: c.attach(c.host))
+        streamed = {id(t) for c in copies for t in c.tensors}
+        for t in list(module.parameters()) + list(module.buffers()):
+            if id(t) not in streamed:
+                t.data = t.data.to(device)
+
+    @contextlib.contextmanager
+    def on_device(self):
+        yield self.module
 
 
 # ----------------------------------------------------------------------------------------------

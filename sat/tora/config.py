@@ -331,6 +331,10 @@ class VAEParams:
     encode_chunk_frames: int = 0
     # When the one-pass encode runs out of GPU memory, retry in chunks of this many frames (0: fail).
     encode_fallback_chunk_frames: int = 8
+    # Spatial tiling of the encoder, in latent pixels (x8 video pixels), as for the decoder: a memory
+    # saver for small cards; not bit-identical (per-tile group norms, blended moments).  0 = no tiling.
+    encode_tile_latent_size: int = 0
+    encode_tile_overlap_latent: int = 4
 
 
 @dataclass

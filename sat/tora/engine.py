@@ -123,14 +123,9 @@ class ToraEngine:
         place = Resident if offload == "none" or device.type == "cpu" else Offloaded
         if offload == "sequential" and device.type == "cuda":
             self.dit = acceleration.StreamedDiT(dit.eval(), device)
-            if conditioner is not None:
-                t5 = conditioner.embedder.transformer
-                acceleration.stream_blocks(t5.encoder.block, device)
-                blocks = {id(t) for t in t5.encoder.block.parameters()}
-                for t in list(conditioner.parameters()) + list(conditioner.buffers()):
-                    if id(t) not in blocks:
-                        t.data = t.data.to(device)
-            self.text = Resident(conditioner.eval(), device) if conditioner is not None else None
+            # (not Resident: moving the whole conditioner would put every T5 block on the GPU)
+            self.text = (acceleration.StreamedBlocks(conditioner.eval(), conditioner.embedder.transformer
+                                                     .encoder.block, device) if conditioner is not None else None)
             self.vae = Resident(vae.eval(), device) if vae is not None else None
         else:
             self.dit = place(dit.eval(), device)

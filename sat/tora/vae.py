@@ -26,6 +26,7 @@ The latent scale factor (0.7) is applied by the diffusion engine, not here.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -113,11 +114,12 @@ def _check_schedule(params: DictConfig) -> None:
          "0 (one call) or an even number of latent frames"),
         ("encode_chunk_frames", params.encode_chunk_frames % time_factor == 0,
          f"0 (one call) or a multiple of temporal_compress_times ({time_factor})"),
-        ("decode_tile_overlap_latent", params.decode_tile_overlap_latent >= 0, "at least 0"),
-        ("decode_tile_latent_size", params.decode_tile_latent_size == 0
-         or params.decode_tile_latent_size > params.decode_tile_overlap_latent,
-         "0 (no tiling) or larger than decode_tile_overlap_latent"),
     )
+    for coder in ("decode", "encode"):
+        size, overlap = params[f"{coder}_tile_latent_size"], params[f"{coder}_tile_overlap_latent"]
+        checks += ((f"{coder}_tile_overlap_latent", overlap >= 0, "at least 0"),
+                   (f"{coder}_tile_latent_size", size == 0 or size > overlap,
+                    f"0 (no tiling) or larger than {coder}_tile_overlap_latent"))
     for key, ok, rule in checks:
         if not ok or params[key] < 0:
             raise ConfigError(f"'{CONFIG_PATH}.{key}' = {params[key]}: must be {rule}")
@@ -226,6 +228,32 @@ def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
+def _spatially_tiled(run, x: torch.Tensor, tile: int, overlap: int, x_per_latent: int, out_per_latent: int):
+    """Apply ``run`` to overlapping spatial tiles of x [1, C, f, H, W] and blend the outputs with linear
+    ramps over the overlap (weights normalised per pixel).  ``tile``/``overlap`` are in latent pixels;
+    one latent pixel is ``x_per_latent`` pixels of x and ``out_per_latent`` pixels of the output
+    (decode: 1 and 8; encode: 8 and 1)."""
+    height, width = x.shape[-2] // x_per_latent, x.shape[-1] // x_per_latent
+    out = weight_sum = None
+    for top in _tile_starts(height, tile, overlap):
+        for left in _tile_starts(width, tile, overlap):
+            rows_in = slice(top * x_per_latent, (top + tile) * x_per_latent)
+            cols_in = slice(left * x_per_latent, (left + tile) * x_per_latent)
+            piece = run(x[..., rows_in, cols_in])
+            rows, cols = piece.shape[-2:]
+            ramp = overlap * out_per_latent
+            weight = (_blend_ramp(rows, ramp, top > 0, top + tile < height)[:, None]
+                      * _blend_ramp(cols, ramp, left > 0, left + tile < width)[None]).to(piece)
+            if out is None:
+                out = piece.new_zeros(*piece.shape[:3], height * out_per_latent, width * out_per_latent)
+                weight_sum = piece.new_zeros(height * out_per_latent, width * out_per_latent)
+            region = (slice(top * out_per_latent, top * out_per_latent + rows),
+                      slice(left * out_per_latent, left * out_per_latent + cols))
+            out[(..., *region)] += piece * weight
+            weight_sum[region] += weight
+    return out / weight_sum
+
+
 def _blend_ramp(size: int, ramp: int, rise: bool, fall: bool) -> torch.Tensor:
     """Tile weights [size] along one axis: linear ramps (never 0) over ``ramp`` pixels at shared edges."""
     weight = torch.ones(size)
@@ -292,11 +320,18 @@ class VideoAutoencoder(nn.Module):
 
         One sample at a time; each sample's frames go through the encoder in one call (official) or in
         chunks of ``chunk_frames`` (default ``encode_chunk_frames``) linked by the causal-conv cache.
+        With ``encode_tile_latent_size`` set, larger videos are encoded in blended spatial tiles.
         """
         _check_layout(video, self.autoencoder.config.in_channels, "video", "b c f h w")
         chunk = self.params.encode_chunk_frames if chunk_frames is None else chunk_frames
         spans = chunk_spans(video.shape[2], chunk)
-        moments = [_causal_chunks(self.autoencoder.encoder, sample[None].to(self.dtype), spans) for sample in video]
+        encode_one = functools.partial(_causal_chunks, self.autoencoder.encoder, spans=spans)
+        tile, s = self.params.encode_tile_latent_size, self.spatial_compression
+        if tile and max(video.shape[-2:]) > tile * s:
+            encode_one = functools.partial(_spatially_tiled, encode_one, tile=tile,
+                                           overlap=self.params.encode_tile_overlap_latent,
+                                           x_per_latent=s, out_per_latent=1)
+        moments = [encode_one(sample[None].to(self.dtype)) for sample in video]
         return Posterior(torch.cat(moments))
 
     @torch.no_grad()
@@ -318,25 +353,9 @@ class VideoAutoencoder(nn.Module):
         return _causal_chunks(self.autoencoder.decoder, z, spans)
 
     def _decode_tiled(self, z: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-        """Decode overlapping spatial tiles of z [1, C, t, h, w] and blend them with linear ramps over
-        the overlap (weights normalised per pixel)."""
-        tile, overlap = self.params.decode_tile_latent_size, self.params.decode_tile_overlap_latent
-        s = self.spatial_compression
-        height, width = z.shape[-2:]
-        video = weight_sum = None
-        for top in _tile_starts(height, tile, overlap):
-            for left in _tile_starts(width, tile, overlap):
-                piece = self._decode_untiled(z[..., top:top + tile, left:left + tile], spans)
-                rows, cols = piece.shape[-2:]
-                weight = (_blend_ramp(rows, overlap * s, top > 0, top + tile < height)[:, None]
-                          * _blend_ramp(cols, overlap * s, left > 0, left + tile < width)[None]).to(piece)
-                if video is None:
-                    video = piece.new_zeros(*piece.shape[:3], height * s, width * s)
-                    weight_sum = piece.new_zeros(height * s, width * s)
-                region = (..., slice(top * s, top * s + rows), slice(left * s, left * s + cols))
-                video[region] += piece * weight
-                weight_sum[region[1:]] += weight
-        return video / weight_sum
+        return _spatially_tiled(lambda piece: self._decode_untiled(piece, spans), z,
+                                self.params.decode_tile_latent_size, self.params.decode_tile_overlap_latent,
+                                1, self.spatial_compression)
 
 
 def _check_layout(x: torch.Tensor, channels: int, name: str, layout: str) -> None:

@@ -71,3 +71,15 @@ def test_every_project_target_names_an_existing_object():
         for target in (t for t in allowed if t.startswith("tora.")):
             module, name = target.rsplit(".", 1)
             assert hasattr(importlib.import_module(module), name), f"{owner}: {target}"
+
+
+@pytest.mark.parametrize("recipe, offload, chunk, encode_tile, decode_tile", [
+    ("24gb.yaml", "model", 8, 0, 32), ("8gb.yaml", "sequential", 8, 32, 32)])
+def test_shipped_memory_recipes_stack_after_the_inference_config(recipe, offload, chunk, encode_tile, decode_tile):
+    from pathlib import Path
+    configs = Path(__file__).resolve().parents[1] / "configs/tora"
+    cfg = load_config([configs / "model/cogvideox_5b_tora.yaml", configs / "inference.yaml", configs / "memory" / recipe])
+    vae = cfg.model.first_stage_config.params
+    assert (cfg.args.offload, vae.encode_chunk_frames, vae.encode_tile_latent_size, vae.decode_tile_latent_size) == (
+        offload, chunk, encode_tile, decode_tile)
+    assert cfg.model.network_config.params.num_layers == 42  # the model config is untouched

@@ -39,8 +39,8 @@ def fast(ckpts: Path) -> list[str]:
             "--sampling-num-frames", "3"]
 
 
-def run(ckpts, tmp_path, *extra, variant="t2v", base=()):
-    bases = [str(MODEL / "tora_tiny.yaml"), *base, str(REPO / "configs/tora/inference.yaml")]
+def run(ckpts, tmp_path, *extra, variant="t2v", base=(), after=()):
+    bases = [str(MODEL / "tora_tiny.yaml"), *base, str(REPO / "configs/tora/inference.yaml"), *after]
     if variant == "i2v":
         bases.insert(1, str(MODEL / "tora_tiny_i2v.yaml"))
     argv = ["--base", *bases, "--load", str(ckpts / variant), "--output-dir", str(tmp_path / "out"),
@@ -72,6 +72,17 @@ def test_text_to_video_with_two_trajectories(tiny_ckpts, tmp_path):
     points = json.loads((out / "traj" / "0000_a_red_ball_seed1234.json").read_text())
     assert np.array(points["points_xy"]).shape == (2, 9, 2)
     assert (out / "prompt" / "0001_a_blue_car_seed1235.txt").read_text() == "a blue car\n"
+
+
+def test_low_memory_recipe_with_tiled_vae_runs_end_to_end(tiny_ckpts, tmp_path):
+    vae = "model.first_stage_config.params."
+    tiles = [vae + "encode_tile_latent_size=8", vae + "encode_tile_overlap_latent=2",
+             vae + "decode_tile_latent_size=8", vae + "decode_tile_overlap_latent=2", vae + "encode_chunk_frames=4"]
+    out = run(tiny_ckpts, tmp_path, "--input-file", str(prompts(tmp_path, "a red ball")),
+              "--point_path", str(REPO / "trajs/circle.txt"), *tiles,
+              after=[str(REPO / "configs/tora/memory/8gb.yaml")])
+    frames = read_video(out / "video" / "0000_a_red_ball_seed1234.mp4")
+    assert frames.shape == (9, 96, 144, 3) and frames.std() > 0
 
 
 def test_outputs_are_never_overwritten(tiny_ckpts, tmp_path):

@@ -16,9 +16,10 @@ Phases (``--phases``, comma-separated):
            and latent PSNR against the exact mode on the same seed and inputs; ``cache@0.3`` sets the
            step cache's threshold
 
-Memory variants: ``;``-separated, each ``offload[,setting...]`` where a setting is ``chunk=N`` (VAE encode
-in N-frame chunks), ``etile=N`` / ``tile=N`` (VAE encode / decode tiles of N latent pixels) or any
-``key=value`` config override.
+Memory variants: ``;``-separated, each a comma list of an offload mode (none | model | sequential), config
+files stacked after inference.yaml (e.g. the recipes in configs/tora/memory/), and settings: ``chunk=N``
+(VAE encode in N-frame chunks), ``etile=N`` / ``tile=N`` (VAE encode / decode tiles of N latent pixels) or
+any ``key=value`` config override.
 
 Results go to stdout (a table last) and, with ``--out DIR``, to DIR/bench.json.
 """
@@ -85,9 +86,10 @@ TRAJECTORY = REPO / "trajs" / "spiral.txt"
 # Building random-weight components
 # ----------------------------------------------------------------------------------------------
 
-def make_config(tiny: bool, overrides=()):
+def make_config(tiny: bool, overrides=(), extra_files=()):
+    """Model config + inference.yaml (+ ``extra_files``, e.g. a memory recipe) + ``overrides``."""
     files = [REPO / "configs/tora/model" / ("tora_tiny.yaml" if tiny else "cogvideox_5b_tora.yaml"),
-             REPO / "configs/tora/inference.yaml"]
+             REPO / "configs/tora/inference.yaml", *extra_files]
     return load_config(files, list(overrides))
 
 
@@ -381,24 +383,32 @@ def phase_e2e(engine: ToraEngine, mode: str, sdpa: str) -> dict:
     return row
 
 
-# What the README recommends for 24 / 16 / 8 GiB cards, from the default to the leanest.
+# The default mode, then the shipped recipes for 24 GiB and 8-16 GiB cards (as the README recommends).
 DEFAULT_MEMORY_VARIANTS = ("model,model.motion.cache=features;"
-                           "model,chunk=8,tile=32,model.motion.cache=features;"
-                           "sequential,chunk=8,tile=32,model.motion.cache=features;"
-                           "sequential,chunk=8,etile=32,tile=32,model.motion.cache=features")
+                           "configs/tora/memory/24gb.yaml;"
+                           "configs/tora/memory/8gb.yaml")
 MEMORY_ALIASES = {"chunk": "model.first_stage_config.params.encode_chunk_frames",
                   "etile": "model.first_stage_config.params.encode_tile_latent_size",
                   "tile": "model.first_stage_config.params.decode_tile_latent_size"}
+OFFLOADS = ("none", "model", "sequential")
 
 
-def parse_memory_variant(variant: str) -> tuple[str, list[str]]:
-    """'sequential,chunk=4,tile=16' -> ('sequential', [config overrides])."""
-    offload, *settings = [part.strip() for part in variant.split(",") if part.strip()]
-    overrides = []
-    for setting in settings:
-        key, _, value = setting.partition("=")
-        overrides.append(f"{MEMORY_ALIASES.get(key, key)}={value}")
-    return offload, overrides
+def parse_memory_variant(variant: str) -> tuple[str | None, list[Path], list[str]]:
+    """'configs/tora/memory/8gb.yaml,chunk=4' -> (offload or None, [config files], [config overrides]).
+
+    Items: an offload mode (none | model | sequential), a YAML file stacked after inference.yaml
+    (relative paths are taken from the repository root), or key=value (aliases: MEMORY_ALIASES).
+    Without an offload item the stacked config's ``args.offload`` applies."""
+    offload, files, overrides = None, [], []
+    for item in (part.strip() for part in variant.split(",") if part.strip()):
+        if item in OFFLOADS:
+            offload = item
+        elif item.endswith((".yaml", ".yml")):
+            files.append(Path(item) if Path(item).is_absolute() else REPO / item)
+        else:
+            key, _, value = item.partition("=")
+            overrides.append(f"{MEMORY_ALIASES.get(key, key)}={value}")
+    return offload, files, overrides
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,8 +475,9 @@ def main(argv=None):
     if "memory" in phases:
         results["memory"] = []
         for variant in args.memory.split(";"):
-            offload, extra = parse_memory_variant(variant)
-            mcfg = make_config(args.tiny, [*args.overrides, "model.sampler_config.params.num_steps=3", *extra])
+            offload, files, extra = parse_memory_variant(variant)
+            mcfg = make_config(args.tiny, [*args.overrides, "model.sampler_config.params.num_steps=3", *extra], files)
+            offload = offload or mcfg.args.offload
             engine = build_engine(mcfg, device, dtype, args.tiny, workdir, offload=offload)
             reset_peak(device)
             run = generate_timed(engine)

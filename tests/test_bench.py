@@ -19,7 +19,7 @@ def test_flop_count_reproduces_the_reference_figures():
 def test_tiny_benchmark_runs_every_phase(tmp_path, capsys):
     results = bench_sample.main(["--tiny", "--device", "cpu", "--phases", "matmul,step,e2e,memory,modes",
                                  "--backends", "auto,math", "--repeat", "1", "--modes", "exact,fp8,cache@0.5",
-                                 "--memory", "model;sequential,chunk=4,tile=16", "--modes-steps", "2",
+                                 "--memory", "model;configs/tora/memory/8gb.yaml,chunk=4,tile=16", "--modes-steps", "2",
                                  "--out", str(tmp_path), "model.sampler_config.params.num_steps=3",
                                  "model.sampler_config.params.guider_config.params.num_steps=3"])
     saved = json.loads((tmp_path / "bench.json").read_text())
@@ -31,12 +31,15 @@ def test_tiny_benchmark_runs_every_phase(tmp_path, capsys):
     assert "| CFG step, exact, sdpa=auto |" in capsys.readouterr().out
 
 
-def test_memory_variants_expand_their_aliases():
-    assert bench_sample.parse_memory_variant("sequential, chunk=4,tile=16,model.motion.cache=features") == (
-        "sequential", ["model.first_stage_config.params.encode_chunk_frames=4",
-                       "model.first_stage_config.params.decode_tile_latent_size=16",
-                       "model.motion.cache=features"])
+def test_memory_variants_expand_their_aliases_and_stack_recipes():
+    offload, files, overrides = bench_sample.parse_memory_variant(
+        "sequential, chunk=4,tile=16,model.motion.cache=features")
+    assert (offload, files) == ("sequential", [])
+    assert overrides == ["model.first_stage_config.params.encode_chunk_frames=4",
+                         "model.first_stage_config.params.decode_tile_latent_size=16", "model.motion.cache=features"]
+    offloads = []
     for variant in bench_sample.DEFAULT_MEMORY_VARIANTS.split(";"):  # every default variant is a valid config
-        offload, overrides = bench_sample.parse_memory_variant(variant)
-        assert offload in ("model", "sequential")
-        bench_sample.make_config(tiny=False, overrides=overrides)
+        offload, files, overrides = bench_sample.parse_memory_variant(variant)
+        cfg = bench_sample.make_config(tiny=False, overrides=overrides, extra_files=files)
+        offloads.append(offload or cfg.args.offload)
+    assert offloads == ["model", "model", "sequential"]  # the 8 GiB recipe sets its own offload mode

@@ -67,6 +67,7 @@ def test_text_to_video_with_two_trajectories(tiny_ckpts, tmp_path):
     assert [v.name for v in videos] == ["0000_a_red_ball_seed1234.mp4", "0001_a_blue_car_seed1235.mp4"]
     frames = read_video(videos[0])
     assert frames.shape == (9, 96, 144, 3)
+    assert not (out / "latents").exists()  # only written with --save-latents
     overlay = read_video(out / "traj_video" / videos[0].name)
     assert overlay.shape == frames.shape and np.abs(overlay.astype(int) - frames).mean() > 0.5
     points = json.loads((out / "traj" / "0000_a_red_ball_seed1234.json").read_text())

@@ -134,7 +134,8 @@ class OutputWriter:
     def __init__(self, root: Path, fps: int, crf: int, save_latents: bool = False):
         self.root, self.fps, self.crf, self.save_latents = root, fps, crf, save_latents
         for sub in self.SUBDIRS:
-            (root / sub).mkdir(parents=True, exist_ok=True)
+            if sub != "latents" or save_latents:  # no empty latents/ folder in every output
+                (root / sub).mkdir(parents=True, exist_ok=True)
 
     def free_name(self, base: str) -> str:
         """``base`` or ``base-1``, ``base-2`` ...: the first name no output file uses yet."""

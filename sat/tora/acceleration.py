@@ -102,10 +102,7 @@ class StreamedDiT:
     def __init__(self, dit, device: torch.device):
         self.module = dit
         self.streamer = LayerStreamer(dit_layer_groups(dit), device)
-        streamed = {id(t) for c in self.streamer.copies for t in c.tensors}
-        for t in list(dit.parameters()) + list(dit.buffers()):
-            if id(t) not in streamed:
-                t.data = t.data.to(device)
+        _place_unstreamed(dit, self.streamer.copies, device)
 
     @contextlib.contextmanager
     def on_device(self):
@@ -128,14 +125,19 @@ class StreamedBlocks:
         for block, copy in zip(blocks, copies):
             block.register_forward_pre_hook(lambda _m, _a, c=copy: c.attach(c.to(device)))
             block.register_forward_hook(lambda _m, _a, _o, c=copy: c.attach(c.host))
-        streamed = {id(t) for c in copies for t in c.tensors}
-        for t in list(module.parameters()) + list(module.buffers()):
-            if id(t) not in streamed:
-                t.data = t.data.to(device)
+        _place_unstreamed(module, copies, device)
 
     @contextlib.contextmanager
     def on_device(self):
         yield self.module
+
+
+def _place_unstreamed(module: nn.Module, copies: list[_HostCopy], device: torch.device) -> None:
+    """Move every tensor of ``module`` that none of the streamed ``copies`` holds onto ``device``."""
+    streamed = {id(t) for c in copies for t in c.tensors}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in streamed:
+            t.data = t.data.to(device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
+from .errors import ToraError
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 DIT_PREFIX = "model.diffusion_model."
@@ -35,7 +36,7 @@ OPTIONAL_KEYS = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ToraError, RuntimeError):
     pass
 
 

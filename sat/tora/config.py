@@ -22,9 +22,10 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from .errors import ToraError
 
 
-class ConfigError(ValueError):
+class ConfigError(ToraError, ValueError):
     """A configuration problem, with the key path and source in the message."""
 
 

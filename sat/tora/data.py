@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .errors import ToraError
 from tora.config import ConfigError, DataParams
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 _FRAMES_STREAM, _REPLACEMENT_STREAM = 0, 1
 
 
-class DataError(RuntimeError):
+class DataError(ToraError, RuntimeError):
     """A data folder or item that cannot be used; the message names the path."""
 
 

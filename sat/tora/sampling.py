@@ -30,6 +30,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .errors import ToraError
 from . import runtime
 from .engine import ToraEngine
 from .video_io import write_mp4
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SEPARATOR = "@@"
 
 
-class PromptError(ValueError):
+class PromptError(ToraError, ValueError):
     pass
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from .errors import ToraError
 from tora.config import ConditionerConfig, ConfigError
 
 WEIGHTS_HELP = ("See README section 'Weights': use the official Tora download 'ckpts/t5-v1_1-xxl', or the "
@@ -37,7 +38,7 @@ WEIGHTS_HELP = ("See README section 'Weights': use the official Tora download 'c
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # either one is a complete T5 vocabulary
 
 
-class TextEncoderNotFoundError(FileNotFoundError):
+class TextEncoderNotFoundError(ToraError, FileNotFoundError):
     """The T5 folder, or a file it must contain, is missing (the message names the path)."""
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torchvision.utils import flow_to_image
 
+from .errors import ToraError
 from tora.config import TrajectoryConfig
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ POINT_COLOUR = (160, 230, 100)
 POINT_RADIUS = 3
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(ToraError, ValueError):
     """Unusable trajectory input; the message names the file and line."""
 
 

@@ -39,6 +39,7 @@ from .vae import VideoAutoencoder, load_vae
 logger = logging.getLogger(__name__)
 
 UNTRAINED_MARKER = "UNTRAINED"  # file in a checkpoint folder whose weights are random (tiny demo/CI)
+ABOUT_FILE = "ABOUT"  # file in a checkpoint folder saying what a small trained model is (printed on load)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +333,8 @@ def build_dit(cfg: DictConfig, load: Optional[str], device: torch.device, dtype:
         if (Path(load) / UNTRAINED_MARKER).exists():
             logger.warning("the DiT checkpoint %s holds RANDOM, UNTRAINED weights (tiny demo model): "
                            "the video will not show real content", load)
+        elif (Path(load) / ABOUT_FILE).is_file():  # what a small project-trained model is
+            logger.warning("%s: %s", load, (Path(load) / ABOUT_FILE).read_text().strip())
     return dit.eval()
 
 

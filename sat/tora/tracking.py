@@ -21,8 +21,11 @@ to ``tora.trajectory`` and are shared with inference.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -84,6 +87,39 @@ def raft_flows(raft: nn.Module, video: Tensor, cfg: MotionFromVideoConfig) -> Te
         estimates = raft(frames[start:stop], frames[start + 1:stop + 1], num_flow_updates=cfg.raft_iterations)
         flows.append(estimates[-1])
     return torch.cat(flows).permute(0, 2, 3, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight-free flow: OpenCV Farneback
+# ----------------------------------------------------------------------------------------------
+
+def _gray_frames(video: Tensor) -> np.ndarray:
+    """[F, 3, H, W] in [-1, 1] -> [F, H, W] uint8 grey frames (OpenCV's input)."""
+    rgb = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    rgb = rgb.permute(0, 2, 3, 1).numpy()
+    return np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in rgb])
+
+
+def farneback_flows(video: Tensor, cfg: MotionFromVideoConfig) -> Tensor:
+    """Optical flow between consecutive frames without learned weights (OpenCV's Farneback).
+
+    video: [F, 3, H, W] in [-1, 1].  Returns [F-1, H, W, 2] float32 (dx, dy) pixels on the CPU, the
+    convention of :func:`raft_flows`.  The frame pairs run in ``cfg.farneback.threads`` threads
+    (OpenCV releases the GIL).  For clips where RAFT's weights are not at hand, and for the
+    synthetic training clips, whose flat shapes it follows well.
+    """
+    if video.ndim != 4 or video.shape[1] != 3 or video.shape[0] < 2:
+        raise ValueError(f"expected a clip [F >= 2, 3, H, W], got {tuple(video.shape)}")
+    gray = _gray_frames(video)
+    fb = cfg.farneback
+
+    def pair_flow(t: int) -> np.ndarray:
+        return cv2.calcOpticalFlowFarneback(gray[t], gray[t + 1], None, fb.pyr_scale, fb.levels, fb.winsize,
+                                            fb.iterations, fb.poly_n, fb.poly_sigma, 0)
+
+    with ThreadPoolExecutor(max_workers=max(1, fb.threads)) as pool:
+        flows = list(pool.map(pair_flow, range(len(gray) - 1)))
+    return torch.from_numpy(np.stack(flows)).float()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ from .config import ConfigError
 from .diffusion import DiscreteDenoiser, VideoDiffusionLoss, conditioned_network, gaussian_noise
 from .dit import DiffusionTransformer
 from .runtime import DTYPES, default_dtype, pick_device
-from .tracking import dense_motion_flow, raft_flows, track_keypoints
+from .tracking import dense_motion_flow, farneback_flows, raft_flows, track_keypoints
 from .trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
 
 logger = logging.getLogger(__name__)
@@ -118,13 +118,16 @@ class StepRandom:
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def clip_flows(raft: nn.Module, clip: Tensor, cfg) -> Tensor:
-    """RAFT flows [F-1, H, W, 2] of a clip [F, 3, H, W] in [-1, 1] (``tracking.raft_flows``).
+def clip_flows(raft: Optional[nn.Module], clip: Tensor, cfg) -> Tensor:
+    """Flows [F-1, H, W, 2] of a clip [F, 3, H, W] in [-1, 1]: ``tracking.raft_flows``, or
+    ``tracking.farneback_flows`` with ``motion_from_video.flow_estimator: farneback`` (no RAFT).
 
     Full-size clips go straight through (official).  Frames below RAFT's 128-pixel minimum, or not a
     multiple of 8 (tiny demo/CI models), are resized (bilinear) for the flow estimate only; the flow
     is resized back and its vectors rescaled to the clip's pixels.
     """
+    if cfg.flow_estimator == "farneback":
+        return farneback_flows(clip, cfg).to(clip.device)
     height, width = clip.shape[-2:]
     scale = max(1.0, RAFT_MIN_SIZE / min(height, width))
     size = tuple(math.ceil(s * scale / 8) * 8 for s in (height, width))
@@ -221,11 +224,13 @@ class BatchPreparer:
         self.timing = {}
         start = time.perf_counter()
         clips = batch["mp4"].to(self.device, non_blocking=True).float()
-        motion = torch.cat([motion_video_from_clip(clip, self.raft, self.cfg.motion_from_video,
-                                                   self.cfg.trajectory, rng.cpu) for clip in clips])
-        start = self._time("motion_s", start)
+        motion_latents = None  # stage "none": a plain text-to-video step
+        if self.cfg.motion_from_video.stage != "none":
+            motion = torch.cat([motion_video_from_clip(clip, self.raft, self.cfg.motion_from_video,
+                                                       self.cfg.trajectory, rng.cpu) for clip in clips])
+            start = self._time("motion_s", start)
+            motion_latents = self._encode(motion, rng.device)
         video = clips.permute(0, 2, 1, 3, 4)  # [B, 3, F, H, W]
-        motion_latents = self._encode(motion, rng.device)
         x0 = self._encode(video, rng.device)
         concat = self._image_concat(video, x0, rng) if self.i2v else None
         start = self._time("vae_s", start)
@@ -344,11 +349,35 @@ def base_checkpoint(path: str | os.PathLike) -> Path:
         raise
 
 
-def load_base_weights(dit: DiffusionTransformer, path: str | os.PathLike, seed: int = 0) -> int | None:
+def expand_patch_embedding_(state: dict, dit: DiffusionTransformer, file) -> None:
+    """A text-to-video state (patch embedding over 16 latent channels) for an image-to-video DiT
+    (32: noisy latent, then image latent): the image half of the input projection starts at zero,
+    so the I2V model computes the T2V function until it learns to use the image (the way CogVideoX's
+    I2V model was started from its T2V one).  ``state`` is changed in place."""
+    own = dit.state_dict()
+    for key, value in list(state.items()):
+        if key not in own or own[key].shape == value.shape or "patch_embed" not in key:
+            continue
+        target = own[key].shape
+        if value.dim() < 2 or value.shape[0] != target[0] or target[1] != 2 * value.shape[1]:
+            raise CheckpointError(f"{file}: {key} has shape {tuple(value.shape)}, which cannot be expanded "
+                                  f"to the model's {tuple(target)} (args.expand_input_channels)")
+        # input features are (channels, patch, patch)-major: the first half is the noisy latent
+        state[key] = torch.cat([value, torch.zeros_like(value)], dim=1)
+        logger.info("%s: %s expanded %s -> %s, image channels zero (args.expand_input_channels)",
+                    file, key, tuple(value.shape), tuple(target))
+
+
+def load_base_weights(dit: DiffusionTransformer, path: str | os.PathLike, seed: int = 0,
+                      expand_input_channels: bool = False) -> int | None:
     """Load ``args.load`` into the DiT: a Tora checkpoint (all keys), or the CogVideoX-5B SAT base,
     which lacks the motion modules - those get :func:`init_motion_modules_`.  Any other missing,
-    unexpected or mis-shaped key is an error.  Returns the checkpoint's iteration (or None)."""
+    unexpected or mis-shaped key is an error.  With ``expand_input_channels`` a text-to-video
+    checkpoint loads into an image-to-video DiT (:func:`expand_patch_embedding_`).  Returns the
+    checkpoint's iteration (or None)."""
     state, file, iteration = read_dit_state(base_checkpoint(path))
+    if expand_input_channels:
+        expand_patch_embedding_(state, dit, file)
     motion_keys = [k for k in dit.state_dict() if k.startswith(MOTION_MODULE_KEYS)]
     motion_missing = [k for k in motion_keys if k not in state]
     if motion_missing and len(motion_missing) == len(motion_keys):  # a base without Tora modules
@@ -367,15 +396,16 @@ def build_components(cfg: DictConfig, device: torch.device, dtype: torch.dtype) 
     from .text import build_conditioner
     from .tracking import load_raft
     from .vae import load_vae
-    if not cfg.args.load and not cfg.args.resume:
-        raise ConfigError("args.load is null: name the starting weights with --load (stage 1: the "
-                          "CogVideoX-5B SAT transformer, stage 2: the stage-1 run folder)")
     dit = build_dit(cfg, None, device, dtype, seed=cfg.args.seed)
     if cfg.args.load and not cfg.args.resume:  # resumed runs load their own checkpoint (Trainer.setup)
-        load_base_weights(dit, cfg.args.load, seed=cfg.args.seed)
+        load_base_weights(dit, cfg.args.load, seed=cfg.args.seed,
+                          expand_input_channels=cfg.args.expand_input_channels)
+    elif cfg.args.from_scratch and not cfg.args.resume:
+        logger.info("training from scratch (args.from_scratch): the DiT starts from its initialisation")
     vae = load_vae(cfg.model.first_stage_config.params).to(device, dtype).requires_grad_(False).eval()
     conditioner = build_conditioner(cfg.model.conditioner_config, device=device, dtype=dtype)
-    raft = load_raft(cfg.motion_from_video, device)
+    motion = cfg.motion_from_video
+    raft = load_raft(motion, device) if motion.stage != "none" and motion.flow_estimator == "raft" else None
     return Components(dit, vae, conditioner.requires_grad_(False).eval(), raft)
 
 
@@ -519,6 +549,13 @@ def check_training_config(cfg: DictConfig) -> None:
         fail("warmup", "must be > 0 while args.auto_warmup_steps > 0 (SAT's AnnealingLR divides by it)")
     if a.model_parallel_size != 1:
         fail("model_parallel_size", "only 1 is supported")
+    if not a.resume and bool(a.load) == a.from_scratch:
+        if a.from_scratch:
+            fail("from_scratch", f"contradicts args.load = {a.load!r}: train from scratch or from weights, not both")
+        fail("load", "name the starting weights with --load (stage 1: the CogVideoX-5B SAT transformer, stage 2: "
+                     "the stage-1 run folder), or set args.from_scratch=true to start from the initialisation")
+    if a.expand_input_channels and not (a.load and cfg.model.noised_image_input):
+        fail("expand_input_channels", "needs args.load (a T2V checkpoint) and an I2V model (model.noised_image_input)")
     if a.valid_data:
         logger.warning("args.valid_data is ignored: there is no evaluation during training (official: off)")
     if cfg.model.noised_image_input != (cfg.model.network_config.params.in_channels == 32):

@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from .errors import ToraError
+from .trajectory import read_point_file
 from .video_io import write_mp4
 
 # Object colours: saturated, far from each other (min RGB distance 81, orange-yellow) and from every
@@ -74,6 +76,7 @@ class GeneratorConfig:
     max_objects: int = 3  # 1 .. max_objects objects per clip, uniformly
     size_range: tuple[float, float] = (8.0, 16.0)  # object size in px at height 96 (scaled with height)
     travel_range: tuple[float, float] = (0.25, 1.2)  # path length / frame width
+    max_step: float = 8.0  # px per frame at height 96 (scaled with height): paths get shorter instead
     textured_background_share: float = 0.5  # the rest are plain
     texture_amplitude: float = 10.0  # background texture, +- grey levels
     shading: float = 0.15  # object brightness swing (lit from the top left): colour x (1 +- shading)
@@ -169,16 +172,28 @@ def render_frames(background: np.ndarray, sprites: Sequence[Sprite], centres: np
     """Static float background [H, W, 3] (0..255), sprites, centres [N, F, 2] -> uint8 [F, H, W, 3].
     Later sprites are drawn on top."""
     height, width, _ = background.shape
-    grid = pixel_grid(height, width)
+    grid_y, grid_x = pixel_grid(height, width)
     frames = np.empty((centres.shape[1], height, width, 3), np.uint8)
     for t in range(centres.shape[1]):
         image = background.copy()
         for sprite, centre in zip(sprites, centres[:, t]):
+            # Only the object's bounding box: its coverage is exactly 0 further out, so this is the
+            # whole-frame blend, computed where it changes something.
+            rows, cols = _bounding_box(sprite, centre, height, width)
+            grid = (grid_y[rows, cols], grid_x[rows, cols])
             alpha = coverage(sprite, centre, grid)[..., None]
             colour = np.array(sprite.color, np.float64) * shading(sprite, centre, grid)[..., None]
-            image = (1 - alpha) * image + alpha * colour
+            image[rows, cols] = (1 - alpha) * image[rows, cols] + alpha * colour
         frames[t] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return frames
+
+
+def _bounding_box(sprite: Sprite, centre: Sequence[float], height: int, width: int) -> tuple[slice, slice]:
+    """Rows and columns of the pixels the object may cover (its extent + 2 px around the centre)."""
+    reach = sprite.extent + 2
+    x0, x1 = max(int(math.floor(centre[0] - reach)), 0), min(int(math.ceil(centre[0] + reach)) + 1, width)
+    y0, y1 = max(int(math.floor(centre[1] - reach)), 0), min(int(math.ceil(centre[1] + reach)) + 1, height)
+    return slice(y0, max(y1, y0)), slice(x0, max(x1, x0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,9 +389,13 @@ def clip_rng(split: str, seed: int, index: int) -> np.random.Generator:
 
 def caption(sprites: Sequence[Sprite], background_name: str, textured: bool = False) -> str:
     """ "a red disc, a blue square and a green star on a grey background" (objects in order)."""
-    names = [f"a {sprite.name}" for sprite in sprites]
+    names = [f"{article(sprite.name)} {sprite.name}" for sprite in sprites]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"{listed} on a {background_name}{' textured' if textured else ''} background"
+    return f"{listed} on {article(background_name)} {background_name}{' textured' if textured else ''} background"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def caption_colours(text: str) -> list[str]:
@@ -400,8 +419,9 @@ def make_background(rng: np.random.Generator, cfg: GeneratorConfig) -> tuple[str
     return name, image, textured
 
 
-def random_sprites(rng: np.random.Generator, cfg: GeneratorConfig, shrink: float) -> list[Sprite]:
-    count = int(rng.integers(1, cfg.max_objects + 1))
+def random_sprites(rng: np.random.Generator, cfg: GeneratorConfig, shrink: float, count: int) -> list[Sprite]:
+    """``count`` objects of distinct colours, random shapes, sizes and rotations; sizes scaled by
+    height / 96 and ``shrink``."""
     colours = rng.choice(list(PALETTE), size=count, replace=False)
     scale = cfg.height / 96.0 * shrink
     sprites = []
@@ -421,12 +441,14 @@ def random_track(rng: np.random.Generator, sprite: Sprite, cfg: GeneratorConfig)
     kind = PATH_KINDS[int(rng.integers(len(PATH_KINDS)))]
     pace = TIMING_KINDS[int(rng.integers(len(TIMING_KINDS)))]
     dense = fit_inside(random_shape(kind, rng, box), box)
-    wanted = rng.uniform(*cfg.travel_range) * cfg.width
+    progress = timing(pace, cfg.num_frames, rng)
+    max_travel = cfg.max_step * cfg.height / 96.0 / np.diff(progress).max()  # fastest frame at max_step
+    wanted = min(rng.uniform(*cfg.travel_range) * cfg.width, max_travel)
     if path_length(dense) > wanted:  # cut the path to the wanted length (a random stretch of it)
         arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(dense, axis=0), axis=1))])
         start = rng.uniform(0, arc[-1] - wanted)
         dense = retime(dense, np.linspace(start, start + wanted, DENSE_SAMPLES) / arc[-1])
-    return retime(dense, timing(pace, cfg.num_frames, rng)), kind, pace
+    return retime(dense, progress), kind, pace
 
 
 def apart(sprites: Sequence[Sprite], centres: np.ndarray, gap: float) -> bool:
@@ -440,14 +462,15 @@ def apart(sprites: Sequence[Sprite], centres: np.ndarray, gap: float) -> bool:
 
 
 def random_clip(split: str, seed: int, index: int, cfg: GeneratorConfig) -> ClipSpec:
-    """Clip ``index`` of a split: 1..max_objects objects on non-overlapping random paths.  Paths
-    are redrawn until the objects stay apart; after every ``max_attempts`` failures the objects
+    """Clip ``index`` of a split: 1..max_objects objects (uniformly) on non-overlapping random
+    paths.  Looks and paths are redrawn until the objects stay apart; after every ``max_attempts`` failures the objects
     are made 15 % smaller.  A pure function of (split, seed, index, cfg)."""
     rng = clip_rng(split, seed, index)
     name, background, textured = make_background(rng, cfg)
+    count = int(rng.integers(1, cfg.max_objects + 1))  # drawn once: redraws must not favour 1 object
     shrink = 1.0
     for attempt in range(1, 10 * cfg.max_attempts + 1):
-        sprites = random_sprites(rng, cfg, shrink)
+        sprites = random_sprites(rng, cfg, shrink, count)
         drawn = [random_track(rng, sprite, cfg) for sprite in sprites]
         centres = np.stack([track for track, _, _ in drawn])
         if apart(sprites, centres, cfg.min_gap):
@@ -474,3 +497,117 @@ def render_clip(clip: ClipSpec) -> np.ndarray:
 
 def write_random_clip(out: Path, clip: ClipSpec, cfg: GeneratorConfig) -> Path:
     return write_clip(out, clip.name, render_clip(clip), cfg.fps, clip.caption, clip_ground_truth(clip, cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out cases: point files, prompts and first frames for sat/sample_video.py
+# ----------------------------------------------------------------------------------------------
+
+CANVAS_SIZE = (256, 256)  # (width, height) of point files (tora.trajectory's canvas)
+
+
+def to_canvas(pixels: np.ndarray, video_hw: tuple[int, int], canvas_size=CANVAS_SIZE) -> np.ndarray:
+    """Integer video pixels [..., 2] (x, y) -> integer canvas points that ``tora.trajectory.
+    to_video_pixels`` (x' = x W // canvas_w) maps back onto exactly these pixels.
+
+    x = ceil(x' canvas_w / W) is that point when W <= canvas_w (then x W / canvas_w < x' + 1).
+    """
+    (height, width), (canvas_w, canvas_h) = video_hw, canvas_size
+    if width > canvas_w or height > canvas_h:
+        raise MovingObjectsError(f"a {height}x{width} video has pixels no point of the {canvas_w}x{canvas_h} "
+                                 f"canvas reaches; held-out point files need width <= {canvas_w} and "
+                                 f"height <= {canvas_h}")
+    pixels = np.asarray(pixels, np.int64)
+    return np.stack([-(-pixels[..., 0] * canvas_w // width), -(-pixels[..., 1] * canvas_h // height)], axis=-1)
+
+
+def write_point_file(path: Path, canvas_points: np.ndarray) -> None:
+    """One ``x,y`` line per frame (the project's point-file format)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{x},{y}\n" for x, y in np.asarray(canvas_points).tolist()))
+
+
+def held_out_clip(index: int, seed: int, cfg: GeneratorConfig) -> ClipSpec:
+    """Held-out clip ``index``: a random clip of the held-out split whose centres are moved onto
+    whole pixels (those a point file can request), so that the requested path is the clip's path."""
+    clip = random_clip("held_out", seed, index, cfg)
+    clip.centres = np.rint(clip.centres)
+    return clip
+
+
+def resample_by_time(points: np.ndarray, num_frames: int) -> np.ndarray:
+    """Point-file points [n, 2] -> [num_frames, 2] float: every point takes the same time, as in
+    the file (repeated points stay pauses), linearly interpolated; nothing is dropped."""
+    u = np.linspace(0, len(points) - 1, num_frames)
+    return np.stack([np.interp(u, np.arange(len(points)), points[:, axis]) for axis in (0, 1)], axis=1)
+
+
+def trajectory_groups(trajs_dir: Path) -> dict[str, list[Path]]:
+    """Point files of a folder grouped into cases: ``<base>_a.txt``, ``<base>_b.txt`` ... are one
+    case with several objects, every other file a case of its own.  Sorted by name."""
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(Path(trajs_dir).glob("*.txt")):
+        match = re.fullmatch(r"(.+)_([a-z])", path.stem)
+        groups.setdefault(match.group(1) if match else path.stem, []).append(path)
+    if not groups:
+        raise MovingObjectsError(f"no point files (*.txt) in {trajs_dir}")
+    return groups
+
+
+def trajectory_clip(index: int, name: str, files: Sequence[Path], seed: int, cfg: GeneratorConfig) -> ClipSpec:
+    """Objects following the point files of one case: each file re-timed to the clip's frames
+    (``resample_by_time``), scaled to video pixels, shrunk into the frame where the object would
+    leave it (``fit_inside``) and rounded to whole pixels.  Looks drawn from split "trajs"."""
+    rng = clip_rng("trajs", seed, index)
+    background_name, background, textured = make_background(rng, cfg)
+    scale = np.array([cfg.width / CANVAS_SIZE[0], cfg.height / CANVAS_SIZE[1]])
+    shrink = 1.0
+    for attempt in range(1, 10 * cfg.max_attempts + 1):
+        sprites = random_sprites(rng, cfg, shrink, count=len(files))
+        centres = []
+        for sprite, path in zip(sprites, files):
+            points = np.asarray(read_point_file(path, CANVAS_SIZE), np.float64)
+            box = centre_box(sprite.extent, cfg.height, cfg.width)
+            centres.append(np.rint(fit_inside(resample_by_time(points, cfg.num_frames) * scale, box)))
+        centres = np.stack(centres)
+        if apart(sprites, centres, cfg.min_gap):
+            return ClipSpec(f"trajs_{name}", [SPLITS["trajs"], seed, index], sprites, centres, background_name,
+                            background, textured, [f"file:{path.name}" for path in files], ["file"] * len(files))
+        if attempt % cfg.max_attempts == 0:
+            shrink *= 0.85
+    raise MovingObjectsError(f"{', '.join(map(str, files))}: the objects cannot be kept apart")
+
+
+def write_held_out(out: Path, clips: Sequence[ClipSpec], cfg: GeneratorConfig) -> Path:
+    """The held-out folder of ``clips`` (already written as clips by ``write_random_clip``):
+
+        points/<name>_<k>.txt   object k's requested path: one canvas point per frame
+        images/<name>.png       the first frame (image-to-video input)
+        prompts.txt             one caption per line, in manifest order
+        prompts_i2v.txt         ``caption@@<name>.png`` lines (pass ``--img_dir <out>/images``)
+        manifest.json           per case: name, caption, point files, image, requested pixels, seed
+
+    Returns the manifest path.  With ``num_frames`` points per file no resampling rule of
+    ``tora.trajectory`` changes them (n = F: the official rule keeps every point)."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    cases = []
+    for clip in clips:
+        pixels = clip.centres.astype(np.int64)  # [N, F, 2], whole pixels by construction
+        point_files = []
+        for k, track in enumerate(pixels):
+            point_file = out / "points" / f"{clip.name}_{k}.txt"
+            write_point_file(point_file, to_canvas(track, (cfg.height, cfg.width)))
+            point_files.append(str(point_file.relative_to(out)))
+        Image.fromarray(render_frames(clip.background, clip.sprites, clip.centres[:, :1])[0]).save(
+            out / "images" / f"{clip.name}.png")
+        cases.append({"name": clip.name, "caption": clip.caption, "point_files": point_files,
+                      "image": f"images/{clip.name}.png", "video": f"videos/{clip.name}.mp4",
+                      "seed": clip.seed, "objects": [sprite.name for sprite in clip.sprites],
+                      "requested_pixels_xy": pixels.tolist()})
+    (out / "prompts.txt").write_text("".join(case["caption"] + "\n" for case in cases))
+    (out / "prompts_i2v.txt").write_text("".join(f"{case['caption']}@@{case['name']}.png\n" for case in cases))
+    manifest = out / "manifest.json"
+    manifest.write_text(json.dumps({"video_size_hw": [cfg.height, cfg.width], "num_frames": cfg.num_frames,
+                                    "fps": cfg.fps, "canvas_size": list(CANVAS_SIZE), "cases": cases}, indent=1) + "\n")
+    return manifest

@@ -11,8 +11,9 @@ training stage is ``sat/train_video.py`` with the stacked configs of ``configs/t
 is trained by ``scripts/train_vae.py``.  Stages hand over through ``<work>/products/<stage>/`` (a
 checkpoint folder ``--load`` reads) and write ``<work>/<stage>.done.json`` (time, figures) when done:
 a stage whose file exists is skipped, so the recipe continues where an earlier call stopped, also on
-a fresh machine given the products (``--carry-in DIR``: products and done files from an earlier call).
-``--out DIR`` copies the products and reports there after each stage (a GPU call's $OUT).
+a fresh machine given the products (``--carry-in DIR``: the ``<stage>.tar`` files of an earlier call).
+``--out DIR`` receives ``<stage>.tar`` (done file + product) after each stage, and ``eval.tar`` (a
+GPU call's $OUT).
 
 A training stage gets ``--minutes`` of wall time at most (a watchdog): past it the run is stopped and
 its last checkpoint (``args.save_interval``) becomes the product, marked as cut short.
@@ -60,7 +61,7 @@ def parse_args(argv=None):
                    help="wall-time budget per stage, JSON (default %(default)s)")
     p.add_argument("--iters", type=json.loads, default={},
                    help='training steps per stage, JSON, e.g. \'{"t2v_base": 2000}\' (default: the configs)')
-    p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--smoke", action="store_true", help="tiny data and few steps: checks the recipe on a CPU")
     return p.parse_args(argv)
 
@@ -72,8 +73,10 @@ class Recipe:
         self.data = self.work / "data"
         self.products = self.work / "products"
         self.work.mkdir(parents=True, exist_ok=True)
-        if args.carry_in and args.carry_in.is_dir():
-            shutil.copytree(args.carry_in, self.work, dirs_exist_ok=True)
+        if args.carry_in and args.carry_in.is_dir():  # <stage>.tar files of copy_out
+            for archive in sorted(args.carry_in.glob("*.tar")):
+                subprocess.run(["tar", "-C", self.work, "-xf", archive], check=True)
+                print(f"carried in {archive.name}")
 
     # -- bookkeeping -------------------------------------------------------------------------
     def done_file(self, stage: str) -> Path:
@@ -137,12 +140,15 @@ class Recipe:
 
     def stage_vae(self):
         out = self.products / "vae" / "3d-vae.pt"
-        steps = 20 if self.args.smoke else self.args.vae_steps
-        batch = 2 if self.args.smoke else 16
+        steps = 1 if self.args.smoke else self.args.vae_steps
+        batch = 1 if self.args.smoke else 16
         self.run([PY, "scripts/train_vae.py", "--base", SMALL, "configs/tora/small/data.yaml",
                   "--data", self.data / "train", "--eval-data", self.data / "held_out", "--out", out,
                   "--steps", steps, "--batch-size", batch, "--workers", min(8, self.args.workers),
-                  "--max-minutes", self.args.minutes.get("vae", 0)])
+                  "--max-minutes", self.args.minutes.get("vae", 0), *(["--eval-clips", 1] if self.args.smoke else [])])
+        import torch  # the product in fp16: later stages only encode with it (half the bytes to carry)
+        state = torch.load(out, map_location="cpu", weights_only=True)
+        torch.save({"state_dict": {k: v.half() for k, v in state["state_dict"].items()}}, out)
         return json.loads((out.parent / "vae_report.json").read_text())
 
     def stage_training(self, stage: str):
@@ -160,7 +166,8 @@ class Recipe:
                     "model.first_stage_config.params.encode_batch_size=2"]
         if iters:
             cmd.append(f"args.train_iters={iters}")
-        cmd.append("args.save_interval=250" if not self.args.smoke else "args.save_interval=2")
+        if self.args.smoke:
+            cmd.append("args.save_interval=2")
         start = time.time()
         finished = self.run(cmd, minutes=None if self.args.smoke else self.args.minutes.get(stage))
         run_dir = newest_run(save, experiment_name(configs))
@@ -168,7 +175,11 @@ class Recipe:
         product = self.products / stage
         shutil.rmtree(product, ignore_errors=True)
         product.mkdir(parents=True)
-        shutil.copy(run_dir / str(iteration) / "mp_rank_00_model_states.pt", product / "mp_rank_00_model_states.pt")
+        import torch  # the product in bf16 (what the GPU stages train in): half the bytes to carry
+        state = torch.load(run_dir / str(iteration) / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=True)
+        module = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["module"].items()}
+        torch.save({"module": module}, product / "mp_rank_00_model_states.pt")
         shutil.copy(run_dir / "metrics.jsonl", product / "metrics.jsonl")
         losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         return {"run": str(run_dir), "iteration": iteration, "finished": finished,
@@ -227,24 +238,28 @@ class Recipe:
                 start = time.time()
                 self.run(cmd)
                 record[out.name] = {"minutes": round((time.time() - start) / 60, 2)}
-        archive = self.work / "eval.tar"
-        subprocess.run(["tar", "-C", self.work, "-cf", archive, "eval"], check=True)
-        if self.args.out:
-            shutil.copy(archive, self.args.out / "eval.tar")
+        # TrajError against training: the first 16 T2V cases through each stage's product (motion on)
+        subset = self.work / "eval" / "curve_cases.jsonl"
+        subset.write_text("".join((held_out / "cases_t2v.jsonl").read_text().splitlines(True)[:16]).replace(
+            '"points/', f'"{held_out}/points/'))
+        for stage in ("t2v_base", "dense", "sparse"):
+            cmd = [PY, "sat/sample_video.py", "--base", SMALL, "configs/tora/inference.yaml", "--load",
+                   self.products / stage, "--input-file", subset, "--output-dir", self.work / "eval" / f"curve_{stage}",
+                   *self.common_overrides()]
+            if self.args.smoke:
+                cmd.append("model.sampler_config.params.num_steps=2")
+            self.run(cmd)
+        if self.args.out:  # the videos (and their trajectory records): scored by scripts/eval_traj.py
+            subprocess.run(["tar", "-C", self.work, "-cf", self.args.out / "eval.tar", "eval"], check=True)
         return record
 
     def copy_out(self, stage: str) -> None:
-        if not self.args.out or stage not in ("vae", "t5", *TRAINING):
+        """``<out>/<stage>.tar``: the stage's done file and product folder (what a later call carries
+        in); one file per stage, as a GPU call brings back at most a few files."""
+        if not self.args.out or stage in ("export", "eval"):
             return
-        target = self.args.out / "products"
-        if stage == "t5":
-            return  # tiny, deterministic: remade from the data (or committed)
-        target.mkdir(parents=True, exist_ok=True)
-        # one file per product (the call's $OUT keeps two folder levels): products/<stage>.pt
-        source = self.products / stage / ("3d-vae.pt" if stage == "vae" else "mp_rank_00_model_states.pt")
-        shutil.copy(source, target / f"{stage}.pt")
-        extra = self.products / stage / ("vae_report.json" if stage == "vae" else "metrics.jsonl")
-        shutil.copy(extra, target / f"{stage}.{extra.name}")
+        members = [self.done_file(stage).name] + ([f"products/{stage}"] if (self.products / stage).is_dir() else [])
+        subprocess.run(["tar", "-C", self.work, "-cf", self.args.out / f"{stage}.tar", *members], check=True)
 
 
 ABOUT = ("A SMALL model trained on synthetic moving shapes (discs, squares, triangles, stars on plain, textured "

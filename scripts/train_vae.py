@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--eval-clips", type=int, default=64, help="held-out clips in the PSNR report")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this long; 0 = no limit")
     p.add_argument("--workers", type=int, default=8, help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
@@ -152,7 +153,7 @@ def main(argv=None):
     result = {"step": step, "parameters": n_params, "minutes": (time.time() - start) / 60,
               "last_loss": loss_rec.item() if step else None}
     if args.eval_data:
-        result.update(report(vae, args.eval_data, cfg.data.params, device))
+        result.update(report(vae, args.eval_data, cfg.data.params, device, args.eval_clips))
     (args.out.parent / "vae_report.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 

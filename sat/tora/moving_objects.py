@@ -46,6 +46,13 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "grey": (105, 105, 105), "dark grey": (55, 55, 55), "charcoal": (35, 38, 42), "black": (12, 12, 12),
     "navy": (22, 28, 62), "brown": (78, 58, 42), "olive": (62, 64, 34), "plum": (62, 36, 62),
 }
+# Outdoor scenes (the demo image is a ball on grass under a sky): a sky gradient above a horizon at a
+# random height, a grass gradient below.  Colours (top, bottom) per band; objects on a scene avoid the
+# palette colours near them (green, blue, cyan, white), so the colour threshold still separates them.
+SCENES: dict[str, dict] = {
+    "sky and grass": {"sky": ((110, 170, 235), (205, 225, 248)), "grass": ((72, 150, 62), (48, 112, 42)),
+                      "exclude": ("green", "blue", "cyan", "white")},
+}
 SHAPES = ("disc", "square", "triangle", "star")
 # What an object's "size" means per shape (the ground truth's convention string).
 SIZE_MEANING = {"disc": "radius (disc)", "square": "half side (square)",
@@ -77,7 +84,8 @@ class GeneratorConfig:
     size_range: tuple[float, float] = (8.0, 16.0)  # object size in px at height 96 (scaled with height)
     travel_range: tuple[float, float] = (0.25, 1.2)  # path length / frame width
     max_step: float = 8.0  # px per frame at height 96 (scaled with height): paths get shorter instead
-    textured_background_share: float = 0.5  # the rest are plain
+    scene_share: float = 0.3  # clips on an outdoor scene (SCENES); the others on a plain colour
+    textured_background_share: float = 0.5  # of the plain-colour backgrounds; the rest are flat
     texture_amplitude: float = 10.0  # background texture, +- grey levels
     shading: float = 0.15  # object brightness swing (lit from the top left): colour x (1 +- shading)
     min_gap: float = 3.0  # px kept between two objects' outlines in every frame
@@ -87,8 +95,10 @@ class GeneratorConfig:
         if self.num_frames < 2 or self.height < 16 or self.width < 16 or self.height % 2 or self.width % 2:
             raise MovingObjectsError(f"need num_frames >= 2 and even height, width >= 16, got "
                                      f"{self.num_frames} frames of {self.height}x{self.width}")
-        if not 1 <= self.max_objects <= len(PALETTE):
-            raise MovingObjectsError(f"max_objects must be in [1, {len(PALETTE)}], got {self.max_objects}")
+        colours = len(PALETTE) - (max(len(sc["exclude"]) for sc in SCENES.values()) if self.scene_share > 0 else 0)
+        if not 1 <= self.max_objects <= colours:
+            raise MovingObjectsError(f"max_objects must be in [1, {colours}] (the palette colours usable on "
+                                     f"every background), got {self.max_objects}")
         if self.fps <= 0:
             raise MovingObjectsError(f"fps must be positive, got {self.fps}")
 
@@ -404,8 +414,29 @@ def caption_colours(text: str) -> list[str]:
     return [match.group(1) for match in _CAPTION_OBJECT.finditer(text.lower())]
 
 
+def background_colour(name: str) -> tuple[int, int, int]:
+    """The representative colour of a background: its plain colour, or a scene's grass colour."""
+    return BACKGROUNDS[name] if name in BACKGROUNDS else SCENES[name]["grass"][0]
+
+
+def scene_image(name: str, rng: np.random.Generator, cfg: GeneratorConfig) -> np.ndarray:
+    """float [H, W, 3]: the sky gradient above a horizon at 35-60 % of the height, grass below."""
+    scene = SCENES[name]
+    horizon = int(round(cfg.height * rng.uniform(0.35, 0.6)))
+    rows = []
+    for band, length in (("sky", horizon), ("grass", cfg.height - horizon)):
+        top, bottom = (np.array(c, np.float64) for c in scene[band])
+        ramp = np.linspace(0.0, 1.0, max(length, 1))[:length, None]
+        rows.append(top + (bottom - top) * ramp)  # [length, 3]
+    return np.broadcast_to(np.concatenate(rows)[:, None, :], (cfg.height, cfg.width, 3)).copy()
+
+
 def make_background(rng: np.random.Generator, cfg: GeneratorConfig) -> tuple[str, np.ndarray, bool]:
-    """(name, float [H, W, 3], textured): a plain colour, or the colour plus a soft static texture."""
+    """(name, float [H, W, 3], textured): a plain colour, or the colour plus a soft static texture, or
+    (``cfg.scene_share`` of the clips) an outdoor scene of ``SCENES``."""
+    if rng.random() < cfg.scene_share:
+        name = list(SCENES)[int(rng.integers(len(SCENES)))]
+        return name, scene_image(name, rng, cfg), False
     name = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     image = np.broadcast_to(np.array(BACKGROUNDS[name], np.float64), (cfg.height, cfg.width, 3)).copy()
     textured = bool(rng.random() < cfg.textured_background_share)
@@ -419,10 +450,12 @@ def make_background(rng: np.random.Generator, cfg: GeneratorConfig) -> tuple[str
     return name, image, textured
 
 
-def random_sprites(rng: np.random.Generator, cfg: GeneratorConfig, shrink: float, count: int) -> list[Sprite]:
-    """``count`` objects of distinct colours, random shapes, sizes and rotations; sizes scaled by
-    height / 96 and ``shrink``."""
-    colours = rng.choice(list(PALETTE), size=count, replace=False)
+def random_sprites(rng: np.random.Generator, cfg: GeneratorConfig, shrink: float, count: int,
+                   background: str | None = None) -> list[Sprite]:
+    """``count`` objects of distinct colours (none a scene background excludes), random shapes, sizes
+    and rotations; sizes scaled by height / 96 and ``shrink``."""
+    excluded = SCENES[background]["exclude"] if background in SCENES else ()
+    colours = rng.choice([c for c in PALETTE if c not in excluded], size=count, replace=False)
     scale = cfg.height / 96.0 * shrink
     sprites = []
     for colour in colours:
@@ -470,7 +503,7 @@ def random_clip(split: str, seed: int, index: int, cfg: GeneratorConfig) -> Clip
     count = int(rng.integers(1, cfg.max_objects + 1))  # drawn once: redraws must not favour 1 object
     shrink = 1.0
     for attempt in range(1, 10 * cfg.max_attempts + 1):
-        sprites = random_sprites(rng, cfg, shrink, count)
+        sprites = random_sprites(rng, cfg, shrink, count, name)
         drawn = [random_track(rng, sprite, cfg) for sprite in sprites]
         centres = np.stack([track for track, _, _ in drawn])
         if apart(sprites, centres, cfg.min_gap):
@@ -483,7 +516,7 @@ def random_clip(split: str, seed: int, index: int, cfg: GeneratorConfig) -> Clip
 
 def clip_ground_truth(clip: ClipSpec, cfg: GeneratorConfig) -> dict:
     extra = {"caption": clip.caption, "seed": clip.seed,
-             "background": {"name": clip.background_name, "color": list(BACKGROUNDS[clip.background_name]),
+             "background": {"name": clip.background_name, "color": list(background_colour(clip.background_name)),
                             "textured": clip.textured}}
     object_extra = [{"rotation": sprite.rotation, "path": kind, "timing": pace}
                     for sprite, kind, pace in zip(clip.sprites, clip.paths, clip.timings)]
@@ -563,7 +596,7 @@ def trajectory_clip(index: int, name: str, files: Sequence[Path], seed: int, cfg
     scale = np.array([cfg.width / CANVAS_SIZE[0], cfg.height / CANVAS_SIZE[1]])
     shrink = 1.0
     for attempt in range(1, 10 * cfg.max_attempts + 1):
-        sprites = random_sprites(rng, cfg, shrink, count=len(files))
+        sprites = random_sprites(rng, cfg, shrink, count=len(files), background=background_name)
         centres = []
         for sprite, path in zip(sprites, files):
             points = np.asarray(read_point_file(path, CANVAS_SIZE), np.float64)
@@ -585,6 +618,8 @@ def write_held_out(out: Path, clips: Sequence[ClipSpec], cfg: GeneratorConfig) -
         images/<name>.png       the first frame (image-to-video input)
         prompts.txt             one caption per line, in manifest order
         prompts_i2v.txt         ``caption@@<name>.png`` lines (pass ``--img_dir <out>/images``)
+        cases_t2v.jsonl, cases_i2v.jsonl   the same cases with their own point files (and image), for
+                                one ``sample_video.py --input-file`` run over all of them
         manifest.json           per case: name, caption, point files, image, requested pixels, seed
 
     Returns the manifest path.  With ``num_frames`` points per file no resampling rule of
@@ -605,6 +640,10 @@ def write_held_out(out: Path, clips: Sequence[ClipSpec], cfg: GeneratorConfig) -
                       "image": f"images/{clip.name}.png", "video": f"videos/{clip.name}.mp4",
                       "seed": clip.seed, "objects": [sprite.name for sprite in clip.sprites],
                       "requested_pixels_xy": pixels.tolist()})
+    for mode, image in (("t2v", False), ("i2v", True)):  # case files: sample_video.py --input-file
+        lines = [json.dumps({"prompt": case["caption"], "point_path": case["point_files"],
+                             **({"image": case["image"]} if image else {})}) for case in cases]
+        (out / f"cases_{mode}.jsonl").write_text("".join(line + "\n" for line in lines))
     (out / "prompts.txt").write_text("".join(case["caption"] + "\n" for case in cases))
     (out / "prompts_i2v.txt").write_text("".join(f"{case['caption']}@@{case['name']}.png\n" for case in cases))
     manifest = out / "manifest.json"

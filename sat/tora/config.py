@@ -522,6 +522,12 @@ class ArgsConfig:
     experiment_name: str = "tora"  # run folder: <save>/<experiment_name>-MM-DD-HH-MM
     save: str = "outputs/train"  # parent folder of the run folders
     resume: Optional[str] = None  # a run folder: continue it from its 'latest' checkpoint
+    # Keep what is a function of the clip alone, per clip, for the rest of the run (device memory):
+    # its VAE posterior moments, the dense stage's motion-video moments, the sparse stage's flows.
+    # Exact only when every item of a clip is the same (the whole clip: data.params.max_num_frames =
+    # the clip's frames at its frame rate, skip_frms_num 0), e.g. the synthetic clips; the posterior is
+    # still sampled every step.  Off officially (random windows of long clips).
+    cache_latents: bool = False
     # Train from the constructor's initialisation: then args.load must be null (and vice versa).
     from_scratch: bool = False
     # Load a text-to-video checkpoint (16 input channels) into an image-to-video model (32): the
@@ -701,11 +707,19 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (),
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"command-line override must look like key.path=value, got {bad[0]!r}")
+        # keys through a list item (a.0.b=v) are set one by one: a dotlist would make "0" a dict key
+        indexed = [o for o in overrides if re.search(r"(^|\.)\d+(\.|=)", o.split("=", 1)[0] + "=")]
         try:
-            dotlist = OmegaConf.from_dotlist(list(overrides))
+            dotlist = OmegaConf.from_dotlist([o for o in overrides if o not in indexed])
+            items = [(o.split("=", 1)[0], OmegaConf.from_dotlist([f"v={o.split('=', 1)[1]}"]).v) for o in indexed]
         except Exception as err:  # a YAML syntax error in a value
             raise ConfigError(f"cannot parse command-line overrides {list(overrides)}: {err}") from None
         cfg = merge(cfg, dotlist, "command line")
+        for key, value in items:
+            try:
+                OmegaConf.update(cfg, key, value, merge=True)
+            except (OmegaConfBaseException, IndexError, KeyError) as err:
+                raise ConfigError(f"invalid command-line override '{key}': {str(err).splitlines()[0]}") from None
     validate(cfg)
     return cfg
 

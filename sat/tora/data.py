@@ -273,4 +273,4 @@ class SFTDataset(Dataset):
         frames = resize_center_crop(frames, self.params.video_size)  # uint8 [n, 3, H, W]
         video = to_model_range(pad_with_last_frame(frames, self.params.max_num_frames))
         return {"mp4": video, "txt": clip.caption, "num_frames": len(frames),
-                "fps": float(self.params.fps)}
+                "fps": float(self.params.fps), "clip": str(clip.video)}

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from .errors import ToraError
-from tora.config import ConditionerConfig, ConfigError
+from tora.config import ConditionerParams, ConfigError, Targeted
 
 WEIGHTS_HELP = ("See README section 'Weights': use the official Tora download 'ckpts/t5-v1_1-xxl', or the "
                 "subfolders 'text_encoder' (model) and 'tokenizer' of huggingface 'THUDM/CogVideoX-5b'.")
@@ -168,7 +168,7 @@ class GeneralConditioner(nn.Module):
         return context * keep[:, None, None]
 
 
-def build_conditioner(conditioner_config: ConditionerConfig, *, device: torch.device | str = "cpu",
+def build_conditioner(conditioner_config: Targeted[ConditionerParams], *, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32) -> GeneralConditioner:
     """The conditioner of ``cfg.model.conditioner_config``: one frozen T5 embedder."""
     embedder_configs = conditioner_config.params.emb_models

@@ -3,14 +3,18 @@
 Configs are the interface of this project.  The schema below mirrors the official Tora/CogVideoX
 YAML layout (``model.network_config.params.*``, ``model.sampler_config.params.*`` ...) so the values of
 an existing official config carry over; every official quirk that used to be a hidden constant is a
-named setting whose default is the official value.
+named setting whose default is the official value (docs/OFFICIAL_QUIRKS.md lists them).
+
+One value, one place: the values the official YAML repeats are linked to their one place (LINKED,
+with the rule there); the official keys that do nothing here are accepted only as listed in IGNORED,
+each with the reason.
 
     cfg = load_config(["configs/tora/model/cogvideox_5b_tora.yaml", "configs/tora/inference.yaml"],
                       overrides=["model.sampler_config.params.num_steps=20"])
 
 Later files override earlier ones, overrides override files.  An unknown key, a value of the wrong
-type or an unknown ``target`` is a :class:`ConfigError` naming the key path and the file (or
-"command line") it came from.
+type, an unknown ``target`` or a disagreeing copy is a :class:`ConfigError` naming the key path and
+the file (or "command line") it came from.
 """
 from __future__ import annotations
 
@@ -81,7 +85,8 @@ class TransformerArgs:
 class PosEmbedParams:
     hidden_size_head: int = 64
     text_length: int = 226
-    # I2V checkpoints carry a learnable table; the official Tora code never adds it (spec 2.6).
+    # I2V checkpoints carry a learnable table; the official Tora code never adds it
+    # (OFFICIAL_QUIRKS.md#i2v-pos-table).
     learnable_pos_embed: bool = False
     add_learnable_pos_embed: bool = False  # True would follow THUDM's CogVideoX-I2V instead of Tora
     theta: float = 10000.0
@@ -340,7 +345,7 @@ class TrajectoryConfig:
     # "uniform": resample at constant speed along the path.
     resample: str = "official"
     # Border of the blur: "reflect101" = cv2.filter2D as in official sampling; the official
-    # training blurred with "zeros" (a train/test mismatch, spec 10.6).
+    # training blurred with "zeros" (OFFICIAL_QUIRKS.md#blur-and-colour-mismatch).
     blur_border: str = "reflect101"
     # flow_to_image normalises colours over chunks of this many frames: 0 = all frames together
     # (official sampling); the official training used 2.

@@ -149,7 +149,7 @@ class Rotary3DPositionEmbeddingMixin(BaseMixin):
     channels (interleaved pairs).  The tables ``freqs_cos``/``freqs_sin`` [N_max, head_dim] are
     persistent buffers (they are in the official checkpoints); text tokens are never rotated.
     The I2V config declares a learnable table ``pos_embedding`` that the official Tora model loads
-    but never adds (spec 2.6); ``add_learnable_pos_embed`` would add it (THUDM CogVideoX-I2V).
+    but never adds (OFFICIAL_QUIRKS.md#i2v-pos-table); ``add_learnable_pos_embed`` would add it (THUDM CogVideoX-I2V).
     """
 
     def __init__(self, latent_frames: int, patch_height: int, patch_width: int, hidden_size: int,

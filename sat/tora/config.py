@@ -588,29 +588,33 @@ ANY = None  # every value is accepted (and none changes anything)
 
 # key -> (accepted values, why the key does nothing here).  A value outside the accepted ones is a
 # ConfigError saying so: a setting never validates and then does something else.
+_NET = "model.network_config.params"
+_VAE = "model.first_stage_config.params"
 IGNORED = {
-    "model.disable_first_stage_autocast": ((True,), "the VAE never runs under autocast (always its own dtype)"),
-    "model.log_keys": (ANY, "the official training logged sample videos of these batch keys; training here "
-                            "logs metrics.jsonl and TensorBoard scalars only"),
-    "model.en_and_decode_n_samples_a_time": ((1,), "the VAE encodes and decodes one sample at a time, as officially"),
-    "model.network_config.params.adm_in_channels": (ANY, "CogVideoX has no class/vector conditioning (unused "
-                                                         "officially too)"),
-    "model.network_config.params.transformer_args.vocab_size": (ANY, "SAT's word-embedding table is deleted: the "
-                                                                     "patch embedding replaces it"),
-    "model.network_config.params.transformer_args.model_parallel_size": ((1,), "no model parallelism"),
-    "model.network_config.params.transformer_args.parallel_output": (ANY, "filled in by the official code at run "
-                                                                          "time; one model-parallel rank"),
-    "model.denoiser_config.params.weighting_config": (ANY, "EpsWeighting: unused by the video loss (officially too)"),
+    "model.disable_first_stage_autocast": (
+        (True,), "the VAE never runs under autocast (always in its own dtype)"),
+    "model.log_keys": (
+        ANY, "the official training logged sample videos of these batch keys; training here logs "
+             "metrics.jsonl and TensorBoard scalars only"),
+    "model.en_and_decode_n_samples_a_time": (
+        (1,), "the VAE encodes and decodes one sample at a time, as officially"),
+    f"{_NET}.adm_in_channels": (ANY, "CogVideoX has no class/vector conditioning (unused officially too)"),
+    f"{_NET}.transformer_args.vocab_size": (
+        ANY, "SAT's word-embedding table is deleted: the patch embedding replaces it"),
+    f"{_NET}.transformer_args.model_parallel_size": ((1,), "no model parallelism"),
+    f"{_NET}.transformer_args.parallel_output": (
+        ANY, "filled in by the official code at run time; one model-parallel rank"),
+    "model.denoiser_config.params.weighting_config": (
+        ANY, "EpsWeighting: unused by the video loss (officially too)"),
     "model.sampler_config.params.verbose": ((True,), "rank 0 always shows the denoising progress bar"),
-    "model.first_stage_config.params.loss_config": (ANY, "the VAE is frozen: no VAE loss"),
-    **{f"model.first_stage_config.params.{coder}_config.params.{key}": (ANY, why)
-       for coder in ("encoder", "decoder") for key, why in (
-           ("resolution", "declared by the official VAE config, unused officially too"),
-           ("gather_norm", "gathers group-norm statistics across context-parallel ranks; cp_size is 1"))},
+    f"{_VAE}.loss_config": (ANY, "the VAE is frozen: no VAE loss"),
+    **{f"{_VAE}.{coder}_config.params.{key}": (ANY, why) for coder in ("encoder", "decoder") for key, why in (
+        ("resolution", "declared by the official VAE config, unused officially too"),
+        ("gather_norm", "gathers group-norm statistics across context-parallel ranks; cp_size is 1"))},
     "args.batch_size": ((1,), "one video per prompt and seed"),
     "args.latent_channels": ((16,), "the latent channels are the VAE's z_channels"),
-    "args.flow_from_prompt": ((False,), "flow files named in the prompt file are not supported; give "
-                                        "trajectories with --point_path"),
+    "args.flow_from_prompt": (
+        (False,), "flow files named in the prompt file are not supported; give trajectories with --point_path"),
     "args.force_inference": (ANY, "DiT checkpoints always load strictly (a missing weight is an error)"),
     "args.force_train": (ANY, "which keys the starting weights may lack is fixed by tora.checkpoint"),
     "args.no_load_rng": (ANY, "random streams derive from args.seed and the step; no RNG state is loaded"),

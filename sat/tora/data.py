@@ -223,7 +223,7 @@ class SFTDataset(Dataset):
                  seed: int = 0):
         check_params(params)
         if seed < 0:
-            raise ValueError(f"SFTDataset seed must be >= 0, got {seed}")
+            raise ConfigError(f"SFTDataset seed must be >= 0, got {seed} (args.seed)")
         if isinstance(data_dirs, (str, Path)):
             data_dirs = [data_dirs]
         self.data_dirs = [Path(data_dir) for data_dir in data_dirs]

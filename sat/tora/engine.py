@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from . import acceleration
 from .checkpoint import init_on_device, load_dit_checkpoint, materialize
+from .config import ConfigError
 from .diffusion import (DiscreteDenoiser, NoiseFn, VPSDEDPMPP2MSampler, conditioned_network, gaussian_noise)
 from .dit import DiffusionTransformer, use_compiled_kernels
 from .runtime import default_dtype, pick_device, rank_pairs
@@ -158,14 +159,14 @@ class ToraEngine:
     # -- geometry --------------------------------------------------------------------------------
     def latent_frames_for(self, num_frames: int) -> int:
         if (num_frames - 1) % self.time_compression or num_frames < 1:
-            raise ValueError(f"num_frames must be 1 + {self.time_compression}k, got {num_frames}")
+            raise ConfigError(f"num_frames must be 1 + {self.time_compression}k, got {num_frames}")
         latent = (num_frames - 1) // self.time_compression + 1
         if latent % 2 == 0:
-            raise ValueError(f"num_frames {num_frames} gives {latent} latent frames; the causal VAE decodes "
-                             f"T latent frames to 1 + {self.time_compression}(T-1) frames only for odd T")
+            raise ConfigError(f"num_frames {num_frames} gives {latent} latent frames; the causal VAE decodes "
+                              f"T latent frames to 1 + {self.time_compression}(T-1) frames only for odd T")
         if latent > self.max_latent_frames:
-            raise ValueError(f"num_frames {num_frames} exceeds the model's "
-                             f"{(self.max_latent_frames - 1) * self.time_compression + 1}")
+            raise ConfigError(f"num_frames {num_frames} exceeds the model's "
+                              f"{(self.max_latent_frames - 1) * self.time_compression + 1}")
         return latent
 
     # -- stages ----------------------------------------------------------------------------------

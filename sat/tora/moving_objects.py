@@ -499,6 +499,15 @@ def write_random_clip(out: Path, clip: ClipSpec, cfg: GeneratorConfig) -> Path:
     return write_clip(out, clip.name, render_clip(clip), cfg.fps, clip.caption, clip_ground_truth(clip, cfg))
 
 
+def write_case(index: int, split: str, seed: int, cfg: GeneratorConfig, out: Path) -> ClipSpec | str:
+    """Make and write clip ``index`` of a split (one worker job).  Returns the held-out ``ClipSpec``
+    (its held-out files are written later) or, for training, only the name: the clip's arrays
+    stay in the worker."""
+    clip = held_out_clip(index, seed, cfg) if split == "held_out" else random_clip(split, seed, index, cfg)
+    write_random_clip(out, clip, cfg)
+    return clip if split == "held_out" else clip.name
+
+
 # ----------------------------------------------------------------------------------------------
 # Held-out cases: point files, prompts and first frames for sat/sample_video.py
 # ----------------------------------------------------------------------------------------------

@@ -308,8 +308,15 @@ def raft_step(frames: np.ndarray, params: RaftParams, device: str = "cpu") -> St
     import torch
 
     from .config import MotionFromVideoConfig
-    from .tracking import load_raft, raft_flows, track_points
+    from .tracking import RAFT_VARIANTS, load_raft, raft_flows, track_points
 
+    if params.model not in RAFT_VARIANTS:
+        raise EvaluationError(f"unknown RAFT model {params.model!r} (--raft-model); choose one of {list(RAFT_VARIANTS)}")
+    if not Path(params.weights).is_file():
+        url = RAFT_VARIANTS[params.model][1].url
+        raise EvaluationError(f"tracker raft: RAFT weights not found at {params.weights} (--raft-weights). "
+                              f"Download torchvision's {params.model} weights from {url} and pass their path; "
+                              f"trackers colour and lk need no weights")
     cfg = MotionFromVideoConfig(raft_model=params.model, raft_weights=params.weights,
                                 raft_iterations=params.iterations, tracking="subpixel")
     raft = load_raft(cfg, device)

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> dict:
         report.update(baseline=str(args.baseline), baseline_summary=baseline.summary,
                       ratio=ratios(motion.summary, baseline.summary), baseline_videos=per_video(baseline.scores),
                       baseline_trajectories=baseline.scores)
-    print(markdown_table(motion.summary, baseline.summary if baseline else None))
+    label = "with motion" if args.run else f"{cfg.tracker} tracker vs ground truth"
+    print(markdown_table(motion.summary, baseline.summary if baseline else None, label))
     if args.per_video:
         print()
         print(video_table(report["videos"], report.get("baseline_videos")))

@@ -219,6 +219,8 @@ def test_held_out_folder_samples_its_paths_exactly(held_out_dir):
     for case, line in zip(cases, i2v):
         caption, image = line.split("@@")
         assert caption == case["caption"] and (held_out_dir / "images" / image).is_file()
+        assert (held_out_dir / case["prompt_file"]).read_text() == caption + "\n"
+        assert (held_out_dir / case["prompt_file_i2v"]).read_text() == line + "\n"
         requested = np.array(case["requested_pixels_xy"])
         assert requested.shape == (len(case["objects"]), 25, 2)
         # the point files through the sampler's own reader: exactly the requested pixels

@@ -448,16 +448,16 @@ def _cell(summary: dict, key: str) -> str:
     return f"{100 * summary[key]:.1f}" if key == "found" else f"{summary[key]:.2f}"
 
 
-def markdown_table(motion: dict, baseline: Optional[dict] = None) -> str:
+def markdown_table(motion: dict, baseline: Optional[dict] = None, label: str = "with motion") -> str:
     """The summary table: one row per metric; with a baseline also its column and the ratio
-    (with motion / without motion) of the error metrics."""
+    (with motion / without motion) of the error metrics.  ``label`` heads the first column."""
     if baseline is None:
-        lines = ["| metric | with motion |", "|---|---:|"]
+        lines = [f"| metric | {label} |", "|---|---:|"]
         lines += [f"| {label} | {_cell(motion, key)} |" for label, key in ROWS]
         lines.append(f"| trajectories (videos) | {motion['trajectories']} ({motion['videos']}) |")
         return "\n".join(lines)
     ratio = ratios(motion, baseline)
-    lines = ["| metric | with motion | without motion | ratio |", "|---|---:|---:|---:|"]
+    lines = [f"| metric | {label} | without motion | ratio |", "|---|---:|---:|---:|"]
     for label, key in ROWS:
         shown = f"{ratio[key]:.3f}" if key in ratio else ""
         lines.append(f"| {label} | {_cell(motion, key)} | {_cell(baseline, key)} | {shown} |")

@@ -594,6 +594,9 @@ def write_held_out(out: Path, clips: Sequence[ClipSpec], cfg: GeneratorConfig) -
         images/<name>.png       the first frame (image-to-video input)
         prompts.txt             one caption per line, in manifest order
         prompts_i2v.txt         ``caption@@<name>.png`` lines (pass ``--img_dir <out>/images``)
+        cases/<name>.txt        the case's caption alone, and ``cases/<name>_i2v.txt`` its I2V line:
+                                sample_video.py applies its --point_path to every prompt of a call,
+                                so a case (own point files) is one call
         manifest.json           per case: name, caption, point files, image, requested pixels, seed
 
     Returns the manifest path.  With ``num_frames`` points per file no resampling rule of
@@ -610,7 +613,11 @@ def write_held_out(out: Path, clips: Sequence[ClipSpec], cfg: GeneratorConfig) -
             point_files.append(str(point_file.relative_to(out)))
         Image.fromarray(render_frames(clip.background, clip.sprites, clip.centres[:, :1])[0]).save(
             out / "images" / f"{clip.name}.png")
+        (out / "cases").mkdir(exist_ok=True)
+        (out / "cases" / f"{clip.name}.txt").write_text(clip.caption + "\n")
+        (out / "cases" / f"{clip.name}_i2v.txt").write_text(f"{clip.caption}@@{clip.name}.png\n")
         cases.append({"name": clip.name, "caption": clip.caption, "point_files": point_files,
+                      "prompt_file": f"cases/{clip.name}.txt", "prompt_file_i2v": f"cases/{clip.name}_i2v.txt",
                       "image": f"images/{clip.name}.png", "video": f"videos/{clip.name}.mp4",
                       "seed": clip.seed, "objects": [sprite.name for sprite in clip.sprites],
                       "requested_pixels_xy": pixels.tolist()})

@@ -5,15 +5,16 @@ import shutil
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from torchvision.models.optical_flow import raft_small
 
 from tora.evaluation import (ColourParams, EvalConfig, EvaluationError, PatchParams, RaftParams, SampleVideo,
-                             colour_mask, evaluate, frame_strip, load_clips, load_run, markdown_table,
-                             nearest_component, ratios, resolve_colours, summarise, track_colour,
-                             trajectory_error, TargetColour)
+                             TargetColour, colour_mask, evaluate, frame_strip, lk_step, load_clips, load_run,
+                             markdown_table, nearest_component, ratios, resolve_colours, summarise,
+                             track_colour, track_patch, trajectory_error)
 from tora.moving_objects import (PALETTE, GeneratorConfig, held_out_clip, random_clip, render_clip,
                                  write_random_clip)
 from tora.tracking import LKParams, track_points_lk
@@ -266,3 +267,19 @@ def test_patch_params_in_config():
     assert EvalConfig().patch == PatchParams(radius=4.0, spacing=2.0)
     with pytest.raises(EvaluationError, match="patch radius"):
         EvalConfig(patch=PatchParams(spacing=0)).check()
+
+
+def test_trackers_tolerate_blur_and_noise():
+    """Generated videos are softer than the renders: blur (sigma 1.5 px) and noise (sd 8) keep both
+    trackers within a pixel."""
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        clip = random_clip("train", 3, index, CFG)
+        soft = np.stack([cv2.GaussianBlur(frame, (0, 0), 1.5) for frame in render_clip(clip)]).astype(float)
+        frames = np.clip(soft + rng.normal(0, 8, soft.shape), 0, 255).astype(np.uint8)
+        for sprite, truth in zip(clip.sprites, clip.centres):
+            colour = TargetColour(sprite.color, sprite.name.split()[0], "test")
+            positions, found = track_colour(frames, truth[0], colour, ColourParams())
+            assert found.all() and np.linalg.norm(positions - truth, axis=1).mean() < 1.0
+            positions, found = track_patch(len(frames), truth[0], lk_step(frames, EvalConfig().lk), PatchParams())
+            assert found.all() and np.linalg.norm(positions - truth, axis=1).mean() < 1.0

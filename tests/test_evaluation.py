@@ -82,6 +82,7 @@ def test_summary_averages_trajectories_and_ratio():
     summary = summarise(scores)
     assert summary["l1"] == pytest.approx(6.0) and summary["l2"] == pytest.approx(3 * np.sqrt(2))
     assert summary["worst_l2"] == pytest.approx(5 * np.sqrt(2)) and summary["videos"] == 2
+    assert summary["worst_l2_pct"] == pytest.approx(100 * 5 * np.sqrt(2) / 50) and summary["min_found"] == 1.0
     assert summary["trajectories"] == 3 and summary["curve"] == pytest.approx([3 * np.sqrt(2)] * 2)
     assert summary["by_num_objects"]["2"]["l1"] == pytest.approx(8.0)
     baseline = dict(summary, l1=24.0, l2=12 * np.sqrt(2), l1_pct=summary["l1_pct"] * 4, l2_pct=summary["l2_pct"] * 4)

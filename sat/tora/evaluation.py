@@ -353,12 +353,15 @@ def trajectory_error(requested: np.ndarray, tracked: np.ndarray, found: np.ndarr
 
 
 def summarise(scores: Sequence[dict]) -> dict:
-    """Mean of every metric over trajectories, the mean per-frame curve, counts and the worst
-    trajectory's l2; also the same per number of objects in the video (``by_num_objects``)."""
+    """Mean of every metric over trajectories, the mean per-frame curve, counts, the worst
+    trajectory's l2 (px, %) and the lowest found share; the means also per number of objects in
+    the video (``by_num_objects``)."""
     if not scores:
         raise EvaluationError("nothing to summarise: no trajectory was scored")
     summary = {key: float(np.mean([s[key] for s in scores])) for key in METRICS}
-    summary["worst_l2"] = float(max(s["l2"] for s in scores))
+    summary["worst_l2"] = float(max(s["l2"] for s in scores))  # per-object targets: every trajectory
+    summary["worst_l2_pct"] = float(max(s["l2_pct"] for s in scores))
+    summary["min_found"] = float(min(s["found"] for s in scores))
     summary["curve"] = np.mean([s["curve"] for s in scores], axis=0).tolist()
     summary["trajectories"] = len(scores)
     summary["videos"] = len({s["video"] for s in scores})
@@ -441,11 +444,13 @@ def per_video(scores: Sequence[dict]) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------
 
 ROWS = (("TrajError L1 (px)", "l1"), ("TrajError L2 / EPE (px)", "l2"), ("L1 (% of diagonal)", "l1_pct"),
-        ("L2 (% of diagonal)", "l2_pct"), ("worst trajectory L2 (px)", "worst_l2"), ("frames found (%)", "found"))
+        ("L2 (% of diagonal)", "l2_pct"), ("worst trajectory L2 (px)", "worst_l2"),
+        ("worst trajectory L2 (% of diagonal)", "worst_l2_pct"), ("frames found (%)", "found"),
+        ("fewest frames found in a trajectory (%)", "min_found"))
 
 
 def _cell(summary: dict, key: str) -> str:
-    return f"{100 * summary[key]:.1f}" if key == "found" else f"{summary[key]:.2f}"
+    return f"{100 * summary[key]:.1f}" if key in ("found", "min_found") else f"{summary[key]:.2f}"
 
 
 def markdown_table(motion: dict, baseline: Optional[dict] = None, label: str = "with motion") -> str:

@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--colour-threshold", type=float, default=defaults.colour.threshold,
                         help="colour tracker: RGB distance of a pixel of the object's colour")
     parser.add_argument("--patch-radius", type=float, default=defaults.patch.radius,
-                        help="lk/raft: half size (px) of the grid of tracked points")
+                        help="lk/raft: half size (px) of the grid of tracked points at a 96 px short side "
+                             "(scaled with the video's short side)")
     parser.add_argument("--raft-weights", default=defaults.raft.weights, help="raft: torchvision RAFT state dict")
     parser.add_argument("--raft-model", default=defaults.raft.model, help="raft: raft_large or raft_small")
     parser.add_argument("--json", type=Path, help="summary file (default <RUN>/trajerror_<tracker>.json)")

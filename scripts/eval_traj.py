@@ -5,7 +5,7 @@
     .venv/bin/python scripts/eval_traj.py --validate data/held_out --tracker lk    # the tracker's own error
 
 RUN is a ``sat/sample_video.py`` output folder (``video/``, ``traj/``, ``prompt/``).  ``--baseline``
-is the same prompts and seeds sampled with ``--no_flow_injection``; its videos (same names) are
+is the same prompts and seeds sampled with ``--no-flow-injection``; its videos (same names) are
 scored against RUN's requested trajectories and the table gets the ratio.  ``--validate DIR``
 scores a clip folder of ``scripts/make_moving_objects.py`` against its ground truth instead.
 The protocol: docs/EVALUATION.md and ``tora.evaluation``.

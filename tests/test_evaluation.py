@@ -212,6 +212,7 @@ def test_eval_cli_zero_and_shifted_error_and_baseline(tmp_path, held_out_clips, 
     run = fake_run(tmp_path / "exact", held_out_clips)
     report = script.run(script.parse_args([str(run), "--tracker", "colour"]))
     assert report["summary"]["l2"] < 0.5 and report["summary"]["found"] == 1.0
+    assert report["trajectories"][0]["found_frames"] == [True] * 25
     assert json.loads((run / "trajerror_colour.json").read_text())["summary"]["l2"] == report["summary"]["l2"]
 
     # requested paths 3 px right and 4 px down of where the objects are: L1 7 px, L2 5 px

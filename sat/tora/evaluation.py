@@ -11,7 +11,7 @@ tracked in the generated video from its first point by one tracker:
 - ``colour``: the object's colour (from the caption, or read at the first point in frame 0; see
   ``resolve_colours``) is masked by an RGB distance threshold; each frame takes the connected
   component nearest to the previous position, its centroid is the position ("found" when there is
-  one).  Exact on the synthetic clips of ``tora.moving_objects``.
+  one).  Within a pixel of the ground truth on the synthetic clips of ``tora.moving_objects``.
 - ``lk``: a small grid of points (sized for a 96 px short side, scaled with the video) around the
   current position is tracked to the next frame with
   ``tora.tracking.track_points_lk`` (pyramidal Lucas-Kanade, forward-backward check); the position
@@ -24,7 +24,7 @@ a lost object still counts its error.  Per trajectory: TrajError L1 = mean over 
 |dx| + |dy| (px), L2 = mean end-point error (px), both also in % of the frame diagonal, the share of
 frames found, and the per-frame L2 curve.  Videos average their trajectories; a run averages all
 trajectories.  The baseline is the same prompts and seeds sampled without motion conditioning
-(``--no_flow_injection``), scored against the motion run's requested trajectories.
+(``sample_video.py --no-flow-injection``), scored against the motion run's requested trajectories.
 """
 from __future__ import annotations
 
@@ -391,7 +391,7 @@ def ratios(motion: dict, baseline: dict) -> dict:
 @dataclass
 class Result:
     """``scores``: one dict per trajectory (trajectory_error + video, index, num_objects, tracked
-    [F, 2], colour); ``colours``: per video name the colours used (reuse for the baseline)."""
+    [F, 2], found_frames [F], colour); ``colours``: per video name the colours used (reuse for the baseline)."""
     scores: list[dict]
     summary: dict
     colours: dict[str, list[TargetColour]]
@@ -425,7 +425,7 @@ def evaluate(videos: Sequence[SampleVideo], cfg: EvalConfig,
         for index, (positions, found) in enumerate(track_video(video, frames, cfg, used.get(video.name))):
             score = trajectory_error(video.requested[index], positions, found, frames.shape[1:3])
             score.update(video=video.name, index=index, num_objects=len(video.requested),
-                         tracked=positions.tolist(),
+                         tracked=positions.tolist(), found_frames=found.tolist(),
                          colour=asdict(used[video.name][index]) if video.name in used else None)
             scores.append(score)
     return Result(scores, summarise(scores), used)

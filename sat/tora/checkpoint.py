@@ -68,8 +68,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
     diffusers_dir = find_transformer_dir(path)
     if diffusers_dir is not None:
         return diffusers_dir, None
-    raise CheckpointError(f"no checkpoint in {path}: expected '{path / 'latest'}', '{direct}' or a diffusers "
-                          f"folder ('config.json' + '*.safetensors', or a 'transformer/' subfolder with them)")
+    raise CheckpointError(f"no checkpoint in {path}: expected '{path / 'latest'}' or '{direct}' (SAT), or a "
+                          f"diffusers folder ('config.json' + '*.safetensors', or a 'transformer/' subfolder "
+                          f"with them)")
 
 
 def _iteration_of(folder: Path) -> int | None:

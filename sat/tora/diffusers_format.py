@@ -235,10 +235,15 @@ EXTRA_PATHS = ("transformer_args.max_sequence_length", "modules.pos_embed_config
                "fuser.num_groups", "fuser.eps", "fuser.temporal_padding")
 
 
-def _extra_params(params: DictConfig) -> dict:
+@functools.lru_cache(maxsize=1)
+def _default_network_params() -> DictConfig:
     from .config import schema
 
-    defaults = schema().model.network_config.params
+    return schema().model.network_config.params  # read only
+
+
+def _extra_params(params: DictConfig) -> dict:
+    defaults = _default_network_params()
     return {path: OmegaConf.select(params, path) for path in EXTRA_PATHS
             if OmegaConf.select(params, path) != OmegaConf.select(defaults, path)}
 
@@ -508,6 +513,7 @@ class DiffusersFolder(SafetensorsFolder):
         self.config = self._read_config()
         check_config(self.config, str(self.dir / CONFIG_FILE))  # before the weights: the clearer error
         super().__init__(directory)
+        self._params: Optional[DictConfig] = None
 
     # -- model -----------------------------------------------------------------------------------
     @property
@@ -519,8 +525,11 @@ class DiffusersFolder(SafetensorsFolder):
         return bool(self.config.get("use_learned_positional_embeddings"))
 
     def params(self) -> DictConfig:
-        """SAT ``network_config.params`` this folder's config.json describes."""
-        return params_from_config(self.config, str(self.dir / CONFIG_FILE))
+        """SAT ``network_config.params`` this folder's config.json describes (computed once; a shared
+        object: copy it before changing it)."""
+        if self._params is None:
+            self._params = params_from_config(self.config, str(self.dir / CONFIG_FILE))
+        return self._params
 
     def validate(self) -> None:
         """Strict check of the tensors against config.json: missing, unexpected and mis-shaped keys by group,

@@ -303,6 +303,29 @@ def test_golden_outputs_through_the_project_dit(name, converted, tmp_path):
             assert err > spec["atol"] + spec["rtol"] * expected.abs().max().item()
 
 
+@pytest.mark.golden
+@skip_without_golden
+def test_diffusers_own_cogvideox_class_reads_a_converted_folder(converted):
+    """diffusers' CogVideoXTransformer3DModel loads the folder (no missing key; Tora's motion modules are the
+    only unused tensors) and, without motion, gives the official port's output."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    names = [n for n, c in MANIFEST["cases"].items() if "video_flow" not in c["inputs"]
+             and c["params"].get("latent_hw") is None and c["weights"] in converted]
+    if not names:
+        pytest.skip("the set has no configured-grid case without motion")
+    case = DiffusersCase(names[0], MANIFEST["cases"][names[0]], MANIFEST)
+    model, info = CogVideoXTransformer3DModel.from_pretrained(converted[case.entry["weights"]],
+                                                              output_loading_info=True)
+    assert info["missing_keys"] == [] and info["mismatched_keys"] == []
+    assert {k.split(".")[0] for k in info["unexpected_keys"]} == {"traj_extractor", "fuser"}
+    inputs = case.inputs
+    with torch.no_grad():
+        out = model.eval()(inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"],
+                           image_rotary_emb=(inputs["rotary_cos"], inputs["rotary_sin"]), return_dict=False)[0]
+    assert not golden.check_outputs(case, {"out_diffusers": out})
+
+
 # ----------------------------------------------------------------------------------------------
 # Full size: meta-device key lists equal the shared ones
 # ----------------------------------------------------------------------------------------------
@@ -470,3 +493,31 @@ def test_convert_script_both_ways_with_dry_run_and_errors(tmp_path, capsys):
     shutil.rmtree(tmp_path / "d" / "transformer")
     assert convert("to-sat", "--load", tmp_path / "d", "--out", tmp_path / "y") == 2
     assert "not a diffusers model folder" in capsys.readouterr().err
+
+
+def test_image_to_video_sampling_from_a_diffusers_folder_matches_the_sat_checkpoint(tmp_path):
+    """The engine (guidance, a trajectory's motion latents for both halves, the image latent) samples the
+    same latents from a diffusers I2V folder as from the SAT checkpoint it was converted from."""
+    from tora.diffusion import gaussian_noise
+    from tora.engine import ToraEngine, build_dit
+
+    cfg = load_config([CONFIGS / "tora_tiny.yaml", CONFIGS / "tora_tiny_i2v.yaml", REPO / "configs/tora/inference.yaml"],
+                      ["model.sampler_config.params.num_steps=2",
+                       "model.sampler_config.params.guider_config.params.num_steps=2"])
+    params = cfg.model.network_config.params
+    cpu = torch.device("cpu")
+    write_sat(dict(build_dit(cfg, None, cpu, torch.float32, seed=5).state_dict()), tmp_path / "sat")
+    sat, _, _ = read_dit_state(tmp_path / "sat")
+    df.write_diffusers_folder(sat, params, tmp_path / "Tora_I2V_diffusers" / "transformer")
+    g = torch.Generator().manual_seed(0)
+    latent = (1, 3, 16, params.latent_height, params.latent_width)
+    context = torch.randn(1, params.modules.pos_embed_config.params.text_length,
+                          params.modules.patch_embed_config.params.text_hidden_size, generator=g)
+    x_T, motion, concat = torch.randn(latent, generator=g), torch.randn((2, *latent[1:]), generator=g), \
+        torch.randn(latent, generator=g)
+
+    def sample(load):
+        engine = ToraEngine(cfg, build_dit(cfg, str(load), cpu, torch.float32), None, None, cpu, offload="none")
+        return engine.sample_latents(context, x_T, gaussian_noise(torch.Generator().manual_seed(1)), motion, concat)
+
+    assert torch.equal(sample(tmp_path / "sat"), sample(tmp_path / "Tora_I2V_diffusers"))

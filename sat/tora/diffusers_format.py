@@ -34,9 +34,10 @@ Decisions where the two official implementations differ (README "Weights", "diff
   positions over a crop of the ``sample_height x sample_width`` grid; SAT uses integer positions of the
   grid it is configured for.  This project keeps SAT's integer positions at every size (the rotary tables
   are buffers derived from the YAML's latent size; config.json's ``sample_*`` only feed the conversion).
-* **I2V batch doubling.**  The official diffusers I2V pipeline doubles the motion batch a second time under
-  guidance.  That is pipeline code, not weights: this project's engine builds the guidance batch itself,
-  so a diffusers folder loaded here samples exactly like the SAT checkpoint it came from.
+* **I2V batch doubling.**  The official diffusers I2V pipeline re-doubles the motion latents for guidance
+  inside its denoising loop, every step (a shape error at step 2).  That is pipeline code, not weights:
+  this project's engine prepares both guidance halves' motion once per video, so a diffusers folder loaded
+  here samples exactly like the SAT checkpoint it came from.
 
 Not representable in diffusers and filled on the way back to SAT: the rotary tables (recomputed from the
 config), SAT's unused absolute table ``transformer.position_embeddings.weight`` (zeros,

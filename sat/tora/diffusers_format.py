@@ -59,7 +59,7 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -593,7 +593,13 @@ class SATView(Mapping):
 def read_sat_state(path: str | os.PathLike) -> tuple[SATView, Path]:
     """(lazy SAT-keyed state, transformer folder) of a diffusers folder, validated against its config.json."""
     folder = DiffusersFolder(path)
-    return folder.sat_state(), folder.dir
+    state = folder.sat_state()
+    if folder.learned_pos_embedding:
+        logger.warning("%s has use_learned_positional_embeddings: true (diffusers' CogVideoX-I2V convention): "
+                       "its table is loaded as mixins.pos_embed.pos_embedding, and added only if "
+                       "model.network_config.params.modules.pos_embed_config.params.add_learnable_pos_embed "
+                       "is true (Tora never adds it)", folder.dir)
+    return state, folder.dir
 
 
 # ----------------------------------------------------------------------------------------------

@@ -302,12 +302,12 @@ def test_golden_outputs_through_the_project_dit(name, converted, tmp_path):
     if not facts["own_tables_equal_pipeline"]:
         # Off the configured grid SAT's integer positions are what this project computes ...
         assert facts.get("integer_tables_are_ours", True)
-        # ... and they differ from the pipeline's (the documented, deliberate difference).
-        spec = case.entry["outputs"]["out_diffusers"]
-        expected = case.expected["out_diffusers"]
-        err = (outputs["out_sat"] - expected).abs().max().item() if "out_sat" in outputs else None
-        if err is not None:
-            assert err > spec["atol"] + spec["rtol"] * expected.abs().max().item()
+        # ... and, where the manifest says the two differ, so does this project from the pipeline's output
+        # (the documented, deliberate difference).
+        spec, expected = case.entry["outputs"]["out_diffusers"], case.expected["out_diffusers"]
+        allowed = spec["atol"] + spec["rtol"] * expected.abs().max().item()
+        if case.params.get("max_abs_diffusers_minus_sat", 0.0) > allowed and "out_sat" in outputs:
+            assert (outputs["out_sat"] - expected).abs().max().item() > allowed
 
 
 @pytest.mark.golden

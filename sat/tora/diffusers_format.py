@@ -460,6 +460,9 @@ class SafetensorsFolder:
                 raise DiffusersFormatError(f"cannot read {file}: {err}") from None
             for key in keys:
                 info = header[key]
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise DiffusersFormatError(f"{file}: tensor {key} has dtype {info['dtype']}, which this "
+                                               f"loader does not read ({sorted(_SAFETENSORS_DTYPES)})")
                 begin, end = info["data_offsets"]
                 entries[key] = (file, _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
                                 data_start + begin, end - begin)

@@ -83,7 +83,7 @@ def to_diffusers(args) -> None:
     if args.vae:
         vae = VideoAutoencoder(cfg.model.first_stage_config.params)
         vae.load_official(args.vae)
-        vae.save_diffusers(out / "vae")
+        vae.save_diffusers(out / "vae", cfg.model.scale_factor)
         print(f"wrote {out / 'vae'} from {args.vae}")
 
 
@@ -96,11 +96,12 @@ def to_sat(args) -> None:
     print(df.describe_plan(steps, {k: tuple(v.shape) for k, v in meta.items()}, "to-sat"))
     if args.dry_run:
         return
+    if args.vae_out:  # check every output before writing any
+        df.refuse_existing(Path(args.vae_out), "VAE output")
     file = df.write_sat_checkpoint(folder, args.out, args.iteration)
     print(f"wrote {file} from {folder.dir}")
     if args.vae_out:
         vae_out = Path(args.vae_out)
-        df.refuse_existing(vae_out, "VAE output")
         vae = VideoAutoencoder(load_config(args.base, args.overrides).model.first_stage_config.params)
         root = folder.dir.parent if folder.dir.name == df.TRANSFORMER_DIR else folder.dir
         vae.load_diffusers(root)

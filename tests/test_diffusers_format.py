@@ -145,7 +145,8 @@ def test_diffusers_vae_folder_loads_like_the_official_file(tmp_path):
     torch.manual_seed(0)
     vae = VideoAutoencoder(params)
     vae.save_official(tmp_path / "3d-vae.pt")
-    vae.save_diffusers(tmp_path / "model" / "vae")
+    vae.save_diffusers(tmp_path / "model" / "vae", cfg.model.scale_factor)
+    assert json.loads((tmp_path / "model" / "vae" / df.CONFIG_FILE).read_text())["scaling_factor"] == 0.7
     other = VideoAutoencoder(params)
     other.load_official(tmp_path / "model")  # ckpt_path = the model folder or its vae/ folder
     for key, value in vae.autoencoder.state_dict().items():
@@ -480,15 +481,25 @@ def test_convert_script_both_ways_with_dry_run_and_errors(tmp_path, capsys):
     assert f"SAT {len(random_state(params))} tensors" in dry
     assert not (tmp_path / "d").exists()
 
-    assert convert("to-diffusers", *base, "--load", tmp_path / "sat", "--out", tmp_path / "d") == 0
+    from tora.vae import VideoAutoencoder
+
+    VideoAutoencoder(cfg.model.first_stage_config.params).save_official(tmp_path / "3d-vae.pt")
+    assert convert("to-diffusers", *base, "--load", tmp_path / "sat", "--out", tmp_path / "d",
+                   "--vae", tmp_path / "3d-vae.pt") == 0
     config = json.loads((tmp_path / "d" / "transformer" / df.CONFIG_FILE).read_text())
     assert config["in_channels"] == 32 and config[df.EXTRA_KEY] == {"traj_extractor.channels": 32}
+    assert json.loads((tmp_path / "d" / "vae" / df.CONFIG_FILE).read_text())["_class_name"] == "AutoencoderKLCogVideoX"
     assert convert("to-sat", "--load", tmp_path / "d", "--dry-run") == 0
     assert "(filled: rotary recomputed" in capsys.readouterr().out
-    assert convert("to-sat", "--load", tmp_path / "d", "--out", tmp_path / "s") == 0
+    assert convert("to-sat", *base, "--load", tmp_path / "d", "--out", tmp_path / "s",
+                   "--vae-out", tmp_path / "s" / "3d-vae.pt") == 0
     key = DIT_PREFIX + "mixins.patch_embed.proj.weight"
     back, original = (load_state_dict(resolve_checkpoint(tmp_path / name)[0]) for name in ("s", "sat"))
     assert torch.equal(back[key], original[key])
+    vae_back, vae_original = (load_state_dict(path, entry="state_dict")
+                              for path in (tmp_path / "s" / "3d-vae.pt", tmp_path / "3d-vae.pt"))
+    assert vae_back.keys() == vae_original.keys()
+    assert all(torch.equal(vae_back[k], v) for k, v in vae_original.items())
 
     capsys.readouterr()
     assert convert("to-sat", "--load", tmp_path / "d", "--out", tmp_path / "s") == 2  # exists

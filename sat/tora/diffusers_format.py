@@ -414,11 +414,15 @@ class SafetensorsFolder:
         self.dir = Path(directory)
         self.config = self._read_config()
         self.class_name = self.config.get("_class_name")
+        self._check_config()  # before the weights: the clearer error for a folder of another model
         self.files = self._weight_files()
         self.entries = self._read_headers()  # key -> (file, dtype, shape, byte offset, byte length)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.dir})"
+
+    def _check_config(self) -> None:
+        """Subclasses refuse a config.json of another model here."""
 
     def _read_config(self) -> dict:
         file = self.dir / CONFIG_FILE
@@ -513,11 +517,12 @@ class DiffusersFolder(SafetensorsFolder):
         if directory is None:
             raise DiffusersFormatError(f"{root} is not a diffusers model folder (expected {CONFIG_FILE} and "
                                        f"{WEIGHTS_NAME} there or in {root / TRANSFORMER_DIR})")
-        self.dir = directory
-        self.config = self._read_config()
-        check_config(self.config, str(self.dir / CONFIG_FILE))  # before the weights: the clearer error
-        super().__init__(directory)
         self._params: Optional[DictConfig] = None
+        self._validated = False
+        super().__init__(directory)
+
+    def _check_config(self) -> None:
+        check_config(self.config, str(self.dir / CONFIG_FILE))
 
     # -- model -----------------------------------------------------------------------------------
     @property
@@ -537,10 +542,13 @@ class DiffusersFolder(SafetensorsFolder):
 
     def validate(self) -> None:
         """Strict check of the tensors against config.json: missing, unexpected and mis-shaped keys by group,
-        in the diffusers names."""
+        in the diffusers names (checked once per folder object)."""
+        if self._validated:
+            return
         expected = expected_diffusers_state(self.params(), self.has_motion, self.learned_pos_embedding)
         source = f"{self.dir} ({self.class_name}; tensors against its {CONFIG_FILE})"
         check_keys(expected, self.meta_state(), source, optional=())
+        self._validated = True
 
     def sat_state(self) -> "SATView":
         self.validate()

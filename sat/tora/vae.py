@@ -320,8 +320,12 @@ class VideoAutoencoder(nn.Module):
                                        f"expected {VAE_CLASS!r} ({CONFIG_PATH}.ckpt_path)")
         folder.load_into(self.autoencoder, f"diffusers VAE, {CONFIG_PATH}.ckpt_path")
 
-    def save_diffusers(self, path: str | os.PathLike) -> None:
-        """Write a diffusers ``AutoencoderKLCogVideoX`` folder (config.json + safetensors)."""
+    def save_diffusers(self, path: str | os.PathLike, scaling_factor: float) -> None:
+        """Write a diffusers ``AutoencoderKLCogVideoX`` folder (config.json + safetensors).
+
+        ``scaling_factor`` (the engine's ``model.scale_factor``, 0.7 for CogVideoX-5B) goes into config.json:
+        diffusers pipelines scale latents by it (the class default, 1.15, is CogVideoX-2B's)."""
+        self.autoencoder.register_to_config(scaling_factor=scaling_factor)
         self.autoencoder.save_pretrained(path, safe_serialization=True)
 
     def save_official(self, path: str | os.PathLike) -> None:

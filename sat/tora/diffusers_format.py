@@ -575,7 +575,7 @@ class SATView(Mapping):
         self.folder = folder
         self.parts: dict[str, tuple[Rule, list[str]]] = OrderedDict()
         for key in folder.keys():
-            rule, index, fields = find_diffusers_rule(key)  # validate() guarantees a rule
+            rule, _, fields = find_diffusers_rule(key)  # validate() guarantees a rule
             sat_key = rule.sat_key(fields)
             self.parts.setdefault(sat_key, (rule, rule.diffusers_keys(fields)))
 
@@ -621,7 +621,7 @@ def read_sat_state(path: str | os.PathLike) -> tuple[SATView, Path]:
 class Step:
     sat: str
     diffusers: list[str]
-    rule: Optional[Rule]
+    rule: Rule
 
 
 def plan(sat_keys: Iterable[str], learned_pos_embedding: bool = False) -> list[Step]:

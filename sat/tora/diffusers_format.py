@@ -18,7 +18,7 @@ linear [12D, E] -> ``norm1.linear`` (video + text attention rows) and ``norm2.li
 Image-to-video is the natural extension: the same class with ``in_channels: 32`` (16 noisy + 16 image
 latent channels; patch conv weight [D, 32, 2, 2]).
 
-Decisions where the two official implementations differ (README "Weights"; OFFICIAL_QUIRKS.md#diffusers-*):
+Decisions where the two official implementations differ (README "Weights"; OFFICIAL_QUIRKS.md#diffusers-format):
 
 * **Learned position table (I2V).**  SAT's I2V checkpoint holds ``mixins.pos_embed.pos_embedding``, which
   Tora's SAT code never adds.  Converted Tora-faithfully it is dropped and ``use_learned_positional_embeddings``

@@ -5,6 +5,7 @@ Layouts accepted for ``--load PATH`` (the published download has no ``latest``, 
     PATH/latest + PATH/<iteration>/mp_rank_00_model_states.pt     (SAT training output)
     PATH/mp_rank_00_model_states.pt                               (published Tora weights)
     PATH  (the .pt file itself)
+    PATH/transformer/ or PATH = config.json + *.safetensors        (diffusers format, tora.diffusers_format)
 
 The file is ``torch.save({"module": state_dict, ...})``; DiT keys carry ``model.diffusion_model.``.
 Loading is strict: missing or unexpected keys fail with a grouped list, except the documented dead
@@ -45,7 +46,8 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
-    """Return (model file, iteration or None) for any of the accepted layouts."""
+    """Return (model file, iteration or None) for any of the accepted layouts; for a diffusers folder
+    (:mod:`tora.diffusers_format`) the transformer folder itself and None."""
     path = Path(path)
     if path.is_file():
         return path, _iteration_of(path.parent)
@@ -62,7 +64,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
     direct = path / MODEL_FILE
     if direct.is_file():
         return direct, _iteration_of(path)
-    raise CheckpointError(f"no checkpoint in {path}: expected '{path / 'latest'}' or '{direct}'")
+    from .diffusers_format import find_transformer_dir
+    diffusers_dir = find_transformer_dir(path)
+    if diffusers_dir is not None:
+        return diffusers_dir, None
+    raise CheckpointError(f"no checkpoint in {path}: expected '{path / 'latest'}' or '{direct}' (SAT), or a "
+                          f"diffusers folder ('config.json' + '*.safetensors', or a 'transformer/' subfolder "
+                          f"with them)")
 
 
 def _iteration_of(folder: Path) -> int | None:
@@ -103,11 +111,17 @@ def _natural(key: str):
 
 def check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str,
                optional=OPTIONAL_KEYS, strict: bool = True) -> list[str]:
-    """Compare key sets and shapes; raise CheckpointError (strict) or return warnings."""
-    missing = [k for k in expected if k not in found and not k.endswith(tuple(optional))]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"    {k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in found and found[k].shape != expected[k].shape]
+    """Compare key sets and shapes; raise CheckpointError (strict) or return warnings.
+
+    A lazy ``found`` mapping (a diffusers folder seen under SAT keys) may provide ``shape_of(key)`` (no
+    tensor is read) and ``source_name(key)`` (the problems are then listed under the folder's own names).
+    """
+    shape_of = getattr(found, "shape_of", lambda k: found[k].shape)
+    name = getattr(found, "source_name", lambda k: k)
+    missing = [name(k) for k in expected if k not in found and not k.endswith(tuple(optional))]
+    unexpected = [name(k) for k in found if k not in expected]
+    shapes = [f"    {name(k)}: checkpoint {tuple(shape_of(k))} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in found and shape_of(k) != expected[k].shape]
     problems = []
     if missing:
         problems.append(f"  missing {len(missing)} key(s):\n{_group(missing)}")
@@ -128,6 +142,9 @@ def read_dit_state(path: str | os.PathLike, prefix: str = DIT_PREFIX):
     keys lack the prefix entirely is taken as a bare DiT state dict.
     """
     file, iteration = resolve_checkpoint(path)
+    if file.is_dir():  # a diffusers folder (see resolve_checkpoint): SAT keys, read lazily
+        from .diffusers_format import read_sat_state
+        return (*read_sat_state(file), None)
     state = load_state_dict(file)
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -220,7 +220,7 @@ class Session:
         })
 
     def initial_payload(self) -> str:
-        return self.payload([], replace=True, background=self.background_data_url(None))
+        return self.payload([], replace=False, background=self.background_data_url(None))
 
     # -- images ----------------------------------------------------------------------------------
     def first_frame(self, image_path: Optional[str]) -> np.ndarray:

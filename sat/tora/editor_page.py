@@ -61,7 +61,7 @@ def build_page(session: Session) -> gr.Blocks:
             with gr.Column(scale=2):
                 timing = gr.Radio(list(zip(["as drawn", "uniform speed", "ease in/out"], ["as_drawn", "uniform", "ease"])),
                                   value="as_drawn", label="Timing along each track")
-                num_frames = gr.Dropdown(frames, value=frames[-1], label="Frames", elem_id="frames")
+                num_frames = gr.Radio(frames, value=frames[-1], label="Frames", elem_id="frames")
                 preview_button = gr.Button("Preview motion", elem_id="preview-btn")
                 preview = gr.Video(label="Preview: per-frame points | motion video (flow colours)",
                                    elem_id="preview-out", autoplay=True, loop=True)

@@ -345,8 +345,9 @@ class Session:
     # -- generation ------------------------------------------------------------------------------
     def generation_config(self, recipe: str, steps: int, guidance: float) -> tuple[list[str], list[str], DictConfig]:
         bases = self.bases + self.recipe_file(recipe)
+        guider = "model.sampler_config.params.guider_config.params"  # dynamic CFG counts the steps too
         overrides = self.overrides + [f"model.sampler_config.params.num_steps={int(steps)}",
-                                      f"model.sampler_config.params.guider_config.params.scale={float(guidance)}"]
+                                      f"{guider}.num_steps={int(steps)}", f"{guider}.scale={float(guidance)}"]
         return bases, overrides, load_config(bases, overrides)
 
     def engine_for(self, recipe: str, cfg: DictConfig):

@@ -191,3 +191,42 @@ def test_transfer_on_shared_clips():
         frames = read_clip(clip, max_frames=16)
         tracks = transfer_tracks(frames, moving_start_points(frames, 3, tracker), tracker, CANVAS, clip.name)
         assert 1 <= len(tracks) <= 3 and all(len(t.points) == len(frames) for t in tracks)
+
+
+# ----------------------------------------------------------------------------------------------
+# The commands
+# ----------------------------------------------------------------------------------------------
+
+def run_script(name, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_convert_tracks_command_round_trip(tmp_path):
+    done = run_script("convert_tracks.py", "to-npy", REPO / "trajs/circle.txt", REPO / "trajs/wave.txt",
+                      "--frames", 25, "--video-size", "720x480", "--out", tmp_path / "npy")
+    assert done.returncode == 0, done.stderr
+    assert np.load(tmp_path / "npy/tracks.npy").shape == (25, 2, 2)
+    done = run_script("convert_tracks.py", "from-npy", tmp_path / "npy/tracks.npy", "--visibility",
+                      tmp_path / "npy/visibility.npy", "--video-size", "720x480", "--out", tmp_path / "txt")
+    assert done.returncode == 0, done.stderr
+    expected = T.time_tracks(T.read_point_files([REPO / "trajs/circle.txt", REPO / "trajs/wave.txt"]), 25)
+    assert [read_point_file(tmp_path / f"txt/track_{i}.txt") for i in (1, 2)] == expected
+    bad = run_script("convert_tracks.py", "from-npy", tmp_path / "npy/missing.npy", "--video-size", "720x480",
+                     "--out", tmp_path)
+    assert bad.returncode == 1 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_extract_tracks_command(tmp_path):
+    lk_tracker()
+    done = run_script("extract_tracks.py", REPO / "training_examples/videos/disc_line.mp4", "--points", 1,
+                      "--max-frames", 16, "--frames", 9, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    points = read_point_file(tmp_path / "track_1.txt")
+    assert len(points) == 9 and points[-1][0] > points[0][0] + 10  # the disc moves to the right
+    bad = run_script("extract_tracks.py", REPO / "training_examples/videos/disc_line.mp4", "--at", "999,5",
+                     "--out", tmp_path)
+    assert bad.returncode == 1 and "outside the 360x240 clip" in bad.stderr

@@ -106,3 +106,20 @@ def test_generation_downloads_reproduce_the_video(session, tmp_path, monkeypatch
     assert again.read_bytes() == (folder / "video.mp4").read_bytes()
     document = json.loads((folder / "tracks.json").read_text())
     assert document["tracks"][1]["frame_points"] == [document["tracks"][1]["drawn_points"][0]] * 9
+
+
+def test_image_to_video_needs_and_shows_the_first_frame(tiny_ckpts, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    settings = load_settings()
+    settings.server.output_dir = str(tmp_path / "runs")
+    bases = [str(REPO / f"configs/tora/model/{name}.yaml") for name in ("tora_tiny", "tora_tiny_i2v")]
+    session = Session(settings, bases, str(tiny_ckpts / "i2v"), device="cpu")
+    assert session.image2video and "image-to-video" in session.model_description()
+    state = editor_state(session, ([[20, 30], [200, 250]], False))
+    assert "upload a first frame" in session.generate(state, "uniform", 9, "a", 1, 2, 6, "none", None).message
+    image = REPO / "assets/images" / sorted(p.name for p in (REPO / "assets/images").iterdir())[0]
+    reply = session.set_image(str(image), state)
+    payload = json.loads(reply.payload)
+    assert payload["background"].startswith("data:image/png;base64,") and len(payload["tracks"]) == 1
+    preview = session.preview(state, "uniform", 9, str(image))
+    assert preview.message.startswith("Preview:") and Path(preview.videos[0]).stat().st_size > 0

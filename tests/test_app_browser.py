@@ -44,8 +44,10 @@ def app_url(tmp_path_factory):
     if os.environ.get("TORA_APP_URL"):  # an app already running (debugging the test)
         yield os.environ["TORA_APP_URL"]
         return
-    subprocess.run([sys.executable, "scripts/make_tiny_checkpoints.py", "--if-missing"], cwd=REPO, check=True,
-                   capture_output=True)
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_tiny_checkpoints  # in this process: torch is imported already
+
+    make_tiny_checkpoints.main(["--if-missing", "--out", str(REPO / "ckpts/tiny")])
     out = tmp_path_factory.mktemp("app")
     settings = out / "app.yaml"
     settings.write_text((REPO / "configs/tora/app.yaml").read_text().replace("samples/app", str(out / "runs")))
@@ -117,8 +119,14 @@ def test_draw_preview_generate_download(app_url, browser):
     for step in range(1, 6):
         actions.move_to_element_with_offset(canvas, 60 + 25 * step, -40 + 20 * step).pause(0.1)
     actions.release().perform()
+    tool(browser, "New track").click()  # a second object: two clicks
+    ActionChains(browser).move_to_element_with_offset(canvas, -150, 120).click() \
+        .move_to_element_with_offset(canvas, -20, 110).click().perform()
+    tool(browser, "Static point").click()  # a third that stays put
+    ActionChains(browser).move_to_element_with_offset(canvas, 180, 100).click().perform()
     state = json.loads(browser.execute_script("return window.toraEditor.serialize()"))
-    (track,) = state["tracks"]
+    track, second, static = state["tracks"]
+    assert len(second["points"]) == 2 and not second["static"] and static["static"] and len(static["points"]) == 1
     width, height = state["editor_size"]
     scale = width / canvas.rect["width"]
     drawn = track["points"]
@@ -135,7 +143,7 @@ def test_draw_preview_generate_download(app_url, browser):
 
     browser.find_element(By.ID, "generate-btn").click()
     wait_for(browser, lambda d: "Generated" in status(d) or "Error" in status(d), seconds=240, what="generation")
-    assert "Generated 9 frames with 1 track(s)" in status(browser), status(browser)
+    assert "Generated 9 frames with 3 track(s)" in status(browser), status(browser)
     for video in ("video-out", "overlay-out"):
         assert_video_playable(browser, video)
 
@@ -147,7 +155,8 @@ def test_draw_preview_generate_download(app_url, browser):
     downloaded = [tuple(int(v) for v in line.split(",")) for line in text.split()]
     expected = T.time_track(T.Track(T.editor_to_canvas(drawn, (width, height))), frames, "as_drawn")
     assert downloaded == expected
-    assert {"video.mp4", "overlay.mp4", "tracks.json", "tracks.npy", "sample_video.sh"} <= set(links)
+    assert {"video.mp4", "overlay.mp4", "track_2.txt", "track_3.txt", "tracks.json", "tracks.npy",
+            "sample_video.sh"} <= set(links)
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(REPO / "docs/app.png"))
 
@@ -165,6 +174,13 @@ def test_bad_uploads_get_a_message(app_url, browser, tmp_path):
     browser.find_element(By.ID, "preview-btn").click()
     wait_for(browser, lambda d: "only 1 point" in status(d), what="the one-point message")
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+
+
+def tool(driver, label: str):
+    """A button of the editor's toolbar."""
+    (button,) = [b for b in driver.find_elements(By.CSS_SELECTOR, "#tora-editor-root button.tora-tool")
+                 if b.text.strip() == label]
+    return button
 
 
 def select_radio(driver, elem_id: str, value: str):

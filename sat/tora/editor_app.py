@@ -66,6 +66,7 @@ class AppEditor:
     width_px: int = 576
     freehand_interval_ms: int = 40
     background_grey: int = 128
+    max_clip_frames: int = 200  # motion transfer reads at most this many frames of a reference clip
 
 
 @dataclass
@@ -366,6 +367,15 @@ class Session:
         self._engine.sampler = VPSDEDPMPP2MSampler.from_config(cfg.model.sampler_config, self._engine.denoiser)
         return self._engine
 
+    def warm_up(self) -> None:
+        """Build the engine for the default recipe now (the first Generate then starts sampling at once)."""
+        settings = self.settings.generate
+        try:
+            with self._lock:
+                self.engine_for(NO_RECIPE, self.generation_config(NO_RECIPE, settings.steps, settings.guidance)[2])
+        except Exception as err:  # noqa: BLE001 - reported again, as a message, by the first Generate
+            logger.error("building the model failed: %s", err)
+
     def generate(self, state: str, timing: str, frames: int, prompt: str, seed: int, steps: int,
                  guidance: float, recipe: str, image_path: Optional[str],
                  progress: Callable[[int, int], None] = lambda step, total: None) -> Reply:
@@ -432,7 +442,7 @@ class Session:
         try:
             if not clip_path:
                 raise TrackError("upload a reference clip first")
-            frames = read_clip(clip_path)
+            frames = read_clip(clip_path, self.settings.editor.max_clip_frames)
             tracker = point_tracker()
             lines = [line.strip() for line in (starts_text or "").splitlines() if line.strip()]
             starts = (parse_points(lines, frames.shape[1:3], "start point") if lines

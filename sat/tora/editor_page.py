@@ -6,6 +6,7 @@ loads, and nothing here downloads anything (system fonts, no share link, no serv
 from __future__ import annotations
 
 import os
+import threading
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no usage reports
 
@@ -123,6 +124,7 @@ def serve(session: Session, host: str, port: int, block: bool = True):
     """Serve the page on ``host:port``: no share link, system fonts, nothing fetched from outside."""
     page = build_page(session)
     session.output_root.mkdir(parents=True, exist_ok=True)
+    threading.Thread(target=session.warm_up, name="build-model", daemon=True).start()
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     return page.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False,

@@ -157,6 +157,10 @@ def test_draw_preview_generate_download(app_url, browser):
     assert downloaded == expected
     assert {"video.mp4", "overlay.mp4", "track_2.txt", "track_3.txt", "tracks.json", "tracks.npy",
             "sample_video.sh"} <= set(links)
+    # the page fetched nothing from outside this machine (no fonts, no scripts, no analytics)
+    fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    outside = [u for u in fetched if not u.startswith((app_url, "data:", "blob:"))]
+    assert not outside, f"the page fetched from outside: {outside[:5]}"
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(REPO / "docs/app.png"))
 
@@ -168,12 +172,37 @@ def test_bad_uploads_get_a_message(app_url, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "#image-upload input[type=file]").send_keys(str(not_an_image))
     wait_for(browser, lambda d: "Error" in status(d), what="the upload message")
     assert "photo.png is not an image" in status(browser)
+    not_a_video = tmp_path / "clip.mp4"
+    not_a_video.write_bytes(b"\x00" * 64)
+    browser.find_element(By.XPATH, "//*[text()='Motion transfer from a reference clip']").click()  # open it
+    upload = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#clip-upload input[type=file]"),
+                      what="the clip upload")[0]
+    upload.send_keys(str(not_a_video))
+    wait_for(browser, lambda d: "cannot decode the video clip.mp4" in status(d), what="the clip message")
     # a track of one point cannot be previewed
     canvas = browser.find_element(By.ID, "tora-canvas")
     ActionChains(browser).move_to_element_with_offset(canvas, 0, 0).click().perform()
     browser.find_element(By.ID, "preview-btn").click()
     wait_for(browser, lambda d: "only 1 point" in status(d), what="the one-point message")
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_motion_transfer_in_the_page(app_url, browser):
+    pytest.importorskip("tora.tracking").__dict__.get("track_points_lk") or pytest.skip(
+        "tora.tracking.track_points_lk is not in this checkout")
+    open_editor(browser, app_url)
+    browser.find_element(By.XPATH, "//*[text()='Motion transfer from a reference clip']").click()
+    upload = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#clip-upload input[type=file]"),
+                      what="the clip upload")[0]
+    upload.send_keys(str(REPO / "training_examples/videos/disc_line.mp4"))
+    wait_for(browser, lambda d: "click its first frame" in status(d), what="the clip's first frame")
+    set_number(browser, "transfer-count", 1)
+    browser.find_element(By.ID, "transfer-btn").click()
+    wait_for(browser, lambda d: "Tracked 1 point(s)" in status(d) or "Error" in status(d), what="the tracking")
+    assert " ".join(status(browser).split()).startswith("Tracked 1 point(s) through 64 frames of disc_line.mp4")
+    (track,) = json.loads(browser.execute_script("return window.toraEditor.serialize()"))["tracks"]
+    xs = [x for x, _ in track["points"]]
+    assert len(xs) == 64 and xs[-1] > xs[0] + 100  # the disc crosses the frame to the right
 
 
 def tool(driver, label: str):

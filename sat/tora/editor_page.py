@@ -57,8 +57,8 @@ def build_page(session: Session) -> gr.Blocks:
                     clip_frame = gr.Image(label="First frame: click to add start points", interactive=False)
                     starts = gr.Textbox(label="Start points (x,y clip pixels, one per line; empty = N moving points)",
                                         lines=3)
-                    count = gr.Number(value=3, precision=0, label="N points where it moves")
-                    transfer_button = gr.Button("Track the clip")
+                    count = gr.Number(value=3, precision=0, label="N points where it moves", elem_id="transfer-count")
+                    transfer_button = gr.Button("Track the clip", elem_id="transfer-btn")
             with gr.Column(scale=2):
                 timing = gr.Radio(list(zip(["as drawn", "uniform speed", "ease in/out"], ["as_drawn", "uniform", "ease"])),
                                   value="as_drawn", label="Timing along each track")

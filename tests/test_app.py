@@ -60,7 +60,7 @@ def test_page_facts(session):
 def test_bad_input_is_a_message(session, tmp_path):
     text = tmp_path / "photo.png"
     text.write_text("not a png")
-    assert session.set_image(str(text), "{}").message == "**Error:** the upload photo.png is not an image (UnidentifiedImageError)"
+    assert session.set_image(str(text)).message == "**Error:** the upload photo.png is not an image (UnidentifiedImageError)"
     one_point = editor_state(session, ([[10, 10]], False))
     assert "track 1 has only 1 point" in session.preview(one_point, "as_drawn", 9, None).message
     assert "no tracks" in session.generate(editor_state(session), "as_drawn", 9, "a", 1, 2, 6, "none", None).message
@@ -118,8 +118,7 @@ def test_image_to_video_needs_and_shows_the_first_frame(tiny_ckpts, tmp_path, mo
     state = editor_state(session, ([[20, 30], [200, 250]], False))
     assert "upload a first frame" in session.generate(state, "uniform", 9, "a", 1, 2, 6, "none", None).message
     image = REPO / "assets/images" / sorted(p.name for p in (REPO / "assets/images").iterdir())[0]
-    reply = session.set_image(str(image), state)
-    payload = json.loads(reply.payload)
-    assert payload["background"].startswith("data:image/png;base64,") and len(payload["tracks"]) == 1
+    payload = json.loads(session.set_image(str(image)).payload)
+    assert payload["background"].startswith("data:image/png;base64,") and not payload["replace"]
     preview = session.preview(state, "uniform", 9, str(image))
     assert preview.message.startswith("Preview:") and Path(preview.videos[0]).stat().st_size > 0

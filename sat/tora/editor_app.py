@@ -105,12 +105,6 @@ def load_settings(path: str | Path = DEFAULT_SETTINGS) -> DictConfig:
     return settings
 
 
-def repo_path(path: str | Path) -> Path:
-    """Settings paths, like the paths inside model configs, are relative to the working directory
-    (the repository root, as for sample_video.py)."""
-    return Path(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Replies to the page
 # ----------------------------------------------------------------------------------------------
@@ -138,8 +132,8 @@ class Session:
     def __init__(self, settings: DictConfig, bases: Sequence[str] = (), load: Optional[str] = None,
                  overrides: Sequence[str] = (), device: Optional[str] = None):
         self.settings = settings
-        self.bases = [str(b) for b in bases] or [str(repo_path(b)) for b in settings.model.base]
-        self.load = load if bases else (load or (str(repo_path(settings.model.load)) if settings.model.load else None))
+        self.bases = [str(b) for b in bases] or [str(Path(b)) for b in settings.model.base]
+        self.load = load if bases else (load or (str(Path(settings.model.load)) if settings.model.load else None))
         self.overrides = list(overrides)
         self.device = device
         self.cfg = load_config(self.bases, self.overrides)  # validated now: a bad config fails at start
@@ -149,7 +143,7 @@ class Session:
         self.image2video = bool(self.cfg.model.noised_image_input)
         height, width = self.video_size_hw
         self.editor_size = (settings.editor.width_px, round(settings.editor.width_px * height / width))
-        self.output_root = repo_path(settings.server.output_dir)
+        self.output_root = Path(settings.server.output_dir)
         self._engine, self._engine_key, self._lock, self._runs = None, None, threading.Lock(), 0
 
     # -- what the page shows ---------------------------------------------------------------------
@@ -170,7 +164,7 @@ class Session:
         return f"Model: {kind}, {w}x{h}, up to {self.frame_choices()[-1]} frames; {what}."
 
     def bases_given(self) -> bool:
-        return self.bases != [str(repo_path(b)) for b in self.settings.model.base]
+        return self.bases != [str(Path(b)) for b in self.settings.model.base]
 
     def frame_choices(self) -> list[int]:
         """Frame counts the model can make with tracks: 1 + tc (T - 1) for odd latent counts T >= 3."""
@@ -179,7 +173,7 @@ class Session:
         return [(t - 1) * tc + 1 for t in range(3, max_latent + 1, 2)]
 
     def recipes(self) -> list[str]:
-        folder = repo_path(self.settings.generate.memory_recipes)
+        folder = Path(self.settings.generate.memory_recipes)
         return [NO_RECIPE] + sorted(p.stem for p in folder.glob("*.yaml"))
 
     def recipe_file(self, recipe: str) -> list[str]:
@@ -187,7 +181,7 @@ class Session:
             return []
         if recipe not in self.recipes():
             raise ConfigError(f"unknown memory recipe {recipe!r}; choose one of {self.recipes()}")
-        return [str(repo_path(self.settings.generate.memory_recipes) / f"{recipe}.yaml")]
+        return [str(Path(self.settings.generate.memory_recipes) / f"{recipe}.yaml")]
 
     def presets(self) -> list[str]:
         return sorted(p.name for p in (REPO / "trajs").glob("*.txt"))
@@ -244,11 +238,10 @@ class Session:
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
     # -- buttons ---------------------------------------------------------------------------------
-    def set_image(self, image_path: Optional[str], state: str) -> Reply:
+    def set_image(self, image_path: Optional[str]) -> Reply:
         try:
-            tracks = self.tracks_from_state(state)
             return Reply("Canvas background updated." if image_path else "Blank canvas.",
-                         self.payload(tracks, replace=True, background=self.background_data_url(image_path)))
+                         self.payload([], replace=False, background=self.background_data_url(image_path)))
         except USER_ERRORS as err:
             return error(err)
 
@@ -338,7 +331,7 @@ class Session:
             animation = [canvas_to_editor(t, self.editor_size, self.canvas_size).round(2).tolist() for t in timed]
             message = (f"Preview: {len(tracks)} track(s), {frames} frames, timing {timing}. Left: the "
                        "per-frame points; right: the motion video (flow colours) the model receives.")
-            return Reply(message, self.payload(tracks, replace=True, background=None, animation=animation),
+            return Reply(message, self.payload([], replace=False, animation=animation),
                          videos=(str(path), None))
         except USER_ERRORS as err:
             return error(err)

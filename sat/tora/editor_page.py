@@ -86,8 +86,7 @@ def build_page(session: Session) -> gr.Blocks:
 
         payload.change(None, [payload], None, js=LOAD_EDITOR)
         page.load(session.initial_payload, None, payload)
-        image.change(lambda s, path: show(session.set_image(path, s), "status", "payload"),
-                     [state, image], [status, payload], js=READ_EDITOR)
+        image.change(lambda path: show(session.set_image(path), "status", "payload"), [image], [status, payload])
         add_preset.click(lambda name: show(session.load_preset(name), "status", "payload"), [preset], [status, payload])
         import_button.click(lambda paths: show(session.import_files(paths), "status", "payload"),
                             [imports], [status, payload])

@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from .config import ConfigError, load_config, load_yaml, merge
 from .errors import ToraError
 from .trajectory import LINE_COLOURS, draw_trajectories, tracks_to_video
-from .tracks import (TIMING_MODES, Track, TrackError, arrays_from_tracks, canvas_to_editor, editor_to_canvas,
+from .tracks import (Track, TrackError, arrays_from_tracks, canvas_to_editor, editor_to_canvas,
                      load_arrays, per_frame_video_pixels, read_point_files, time_tracks, tracks_document,
                      tracks_from_arrays, tracks_from_document, write_point_files)
 from .video_io import write_mp4

@@ -13,6 +13,9 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: n
 import gradio as gr  # noqa: E402
 
 from .editor_app import STATIC, Reply, Session  # noqa: E402
+from .tracks import TIMING_MODES  # noqa: E402
+
+TIMING_LABELS = {"as_drawn": "as drawn", "uniform": "uniform speed", "ease": "ease in/out"}
 
 # The editor's state comes from the browser: every button reads it through this hook first.
 READ_EDITOR = "(state, ...rest) => [window.toraEditor ? window.toraEditor.serialize() : state, ...rest]"
@@ -60,8 +63,8 @@ def build_page(session: Session) -> gr.Blocks:
                     count = gr.Number(value=3, precision=0, label="N points where it moves", elem_id="transfer-count")
                     transfer_button = gr.Button("Track the clip", elem_id="transfer-btn")
             with gr.Column(scale=2):
-                timing = gr.Radio(list(zip(["as drawn", "uniform speed", "ease in/out"], ["as_drawn", "uniform", "ease"])),
-                                  value="as_drawn", label="Timing along each track")
+                timing = gr.Radio([(TIMING_LABELS[mode], mode) for mode in TIMING_MODES], value=TIMING_MODES[0],
+                                  label="Timing along each track")
                 num_frames = gr.Radio(frames, value=frames[-1], label="Frames", elem_id="frames")
                 preview_button = gr.Button("Preview motion", elem_id="preview-btn")
                 preview = gr.Video(label="Preview: per-frame points | motion video (flow colours)",

@@ -108,7 +108,7 @@ def test_generation_downloads_reproduce_the_video(session, tmp_path, monkeypatch
     assert document["tracks"][1]["frame_points"] == [document["tracks"][1]["drawn_points"][0]] * 9
 
 
-def test_image_to_video_needs_and_shows_the_first_frame(tiny_ckpts, tmp_path, monkeypatch):
+def test_image_to_video_first_frame_and_round_trip(tiny_ckpts, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     settings = load_settings()
     settings.server.output_dir = str(tmp_path / "runs")
@@ -122,3 +122,12 @@ def test_image_to_video_needs_and_shows_the_first_frame(tiny_ckpts, tmp_path, mo
     assert payload["background"].startswith("data:image/png;base64,") and not payload["replace"]
     preview = session.preview(state, "uniform", 9, str(image))
     assert preview.message.startswith("Preview:") and Path(preview.videos[0]).stat().st_size > 0
+    reply = session.generate(state, "uniform", 9, "a ball", 3, 2, 6.0, "none", str(image))
+    assert reply.message.startswith("Generated 9 frames"), reply.message
+    folder = Path(reply.videos[0]).parent
+    assert (folder / "prompt.txt").read_text() == "a ball@@first_frame.png\n"
+    import sample_video
+
+    sample_video.main(shlex.split((folder / "sample_video.sh").read_text())[2:])
+    (again,) = (folder / "sample_video/video").glob("*.mp4")
+    assert again.read_bytes() == (folder / "video.mp4").read_bytes()

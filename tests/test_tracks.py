@@ -155,7 +155,7 @@ def test_read_clip_rejects_undecodable_video(tmp_path):
     assert frames.shape == (5, 240, 360, 3) and frames.dtype == np.uint8
 
 
-@pytest.mark.parametrize("clip", ["disc_line", "disc_short", "disc_zigzag", "square_circle"])
+@pytest.mark.parametrize("clip", ["disc_line", "disc_short", "disc_zigzag", "square_circle", "two_objects"])
 def test_transfer_follows_synthetic_objects(clip):
     """N points where the clip moves land on its objects, and their tracks copy the objects' motion:
     the displacement from frame 0 matches the ground-truth centre's within a few pixels."""
@@ -178,6 +178,15 @@ def test_transfer_follows_synthetic_objects(clip):
         error_px = np.linalg.norm(moved_px - (centres[nearest] - centres[nearest][0]), axis=1).max()
         assert error_px <= 6.0, f"{clip}: the track's motion is off the object's by {error_px:.1f} px"
     assert found == set(range(len(objects)))  # one point per object
+
+
+def test_a_still_clip_has_no_moving_points():
+    from tora.motion_transfer import moving_start_points
+
+    tracker = lk_tracker()
+    still = np.repeat(np.random.default_rng(0).integers(0, 255, (1, 48, 64, 3), dtype=np.uint8), 4, axis=0)
+    with pytest.raises(T.TrackError, match="nothing in the clip moves by 2.0 px or more"):
+        moving_start_points(still, 2, tracker)
 
 
 def test_transfer_on_shared_clips():

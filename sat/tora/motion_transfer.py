@@ -72,28 +72,45 @@ def parse_points(texts: list[str], size_hw: tuple[int, int], source: str = "--at
 
 
 def moving_start_points(frames: np.ndarray, count: int, tracker: Tracker, grid_step: int = 8,
-                        min_motion_px: float = 2.0) -> np.ndarray:
-    """``count`` start points [count, 2] where the clip moves: a grid of candidates (every ``grid_step``
-    pixels) is tracked, candidates are ranked by how far they travel while visible, and the best are
-    taken greedily at least 2 grid steps apart (one object gets one point unless it is large)."""
+                        min_motion_px: float = 2.0, agree_px: float = 2.0) -> np.ndarray:
+    """``count`` start points [count, 2] where the clip moves, one per distinct motion first.
+
+    A grid of candidates (every ``grid_step`` pixels) is tracked.  Candidates kept: visible in every
+    frame and travelling at least ``min_motion_px``.  They are ranked by how many grid neighbours move
+    with them (displacements within ``agree_px`` in every frame: a point inside a rigidly moving
+    region, not one drifting at an edge), then by distance travelled.  The first pass takes a point
+    only when its motion differs from every point taken (one point per object); a second pass fills
+    up with points at least 2 grid steps from the others.
+    """
     if count < 1:
         raise TrackError(f"the number of points must be >= 1, got {count}")
     height, width = frames.shape[1:3]
     ys, xs = np.mgrid[grid_step // 2:height:grid_step, grid_step // 2:width:grid_step]
     candidates = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32)  # [M, 2]
     positions, visible = tracker(frames, candidates)  # [F, M, 2], [F, M]
-    steps = np.linalg.norm(np.diff(np.asarray(positions, dtype=np.float64), axis=0), axis=-1)  # [F-1, M]
-    visible = np.asarray(visible, dtype=bool)
-    travel = (steps * (visible[1:] & visible[:-1])).sum(axis=0)  # [M]
+    positions, visible = np.asarray(positions, dtype=np.float64), np.asarray(visible, dtype=bool)
+    travel = np.linalg.norm(np.diff(positions, axis=0), axis=-1).sum(axis=0)  # [M]
+    moving = np.flatnonzero(visible.all(axis=0) & (travel >= min_motion_px))
+    if len(moving) == 0:
+        raise TrackError(f"nothing in the clip moves by {min_motion_px} px or more while staying tracked; "
+                         "click start points instead")
+    displacement = positions[:, moving] - positions[:1, moving]  # [F, K, 2]
+
+    def differs(a: int, b: int) -> bool:  # indices into ``moving``
+        return np.linalg.norm(displacement[:, a] - displacement[:, b], axis=-1).max() > agree_px
+
+    near = np.linalg.norm(candidates[moving][:, None] - candidates[moving][None], axis=-1) <= 1.5 * grid_step
+    support = [sum(not differs(i, j) for j in np.flatnonzero(near[i]) if j != i) for i in range(len(moving))]
+    order = sorted(range(len(moving)), key=lambda i: (-support[i], -travel[moving[i]]))
     chosen: list[int] = []
-    for index in np.argsort(-travel, kind="stable"):
-        if travel[index] < min_motion_px or len(chosen) == count:
-            break
-        if all(np.linalg.norm(candidates[index] - candidates[c]) >= 2 * grid_step for c in chosen):
-            chosen.append(int(index))
-    if not chosen:
-        raise TrackError(f"nothing in the clip moves by {min_motion_px} px or more; click start points instead")
-    return candidates[chosen]
+    for distinct in (True, False):
+        for i in order:
+            if len(chosen) == count:
+                break
+            far = all(np.linalg.norm(candidates[moving[i]] - candidates[moving[c]]) >= 2 * grid_step for c in chosen)
+            if i not in chosen and far and (not distinct or all(differs(i, c) for c in chosen)):
+                chosen.append(i)
+    return candidates[moving[chosen]]
 
 
 def transfer_tracks(frames: np.ndarray, starts: np.ndarray, tracker: Tracker,

@@ -393,9 +393,11 @@ class TrajectoryConfig:
     blur_sigma: float = 10.0
     # Points outside the canvas: "error" (default) or "clamp" (with a warning).
     out_of_canvas: str = "error"
-    # "official": >F points are sub-sampled then truncated, equal points per segment;
-    # "uniform": resample at constant speed along the path.
-    resample: str = "official"
+    # Point files -> one point per frame.  "spread": <=F points as officially (equal points per
+    # segment), >F points sub-sampled evenly over the whole file; "official": the official rule,
+    # which truncates files of >F points (F < n < 2F: only the first F used; warned);
+    # "uniform": constant speed along the path.
+    resample: str = "spread"
     # Border of the blur: "reflect101" = cv2.filter2D as in official sampling; the official
     # training blurred with "zeros" (a train/test mismatch, spec 10.6).
     blur_border: str = "reflect101"
@@ -601,7 +603,7 @@ CHOICES = {
     "acceleration.sdpa_backend": ["auto", "cudnn", "flash", "efficient", "math"],
     "args.input_type": ["txt", "cli"],
     "args.image_resize": ["stretch", "crop"],
-    "trajectory.resample": ["official", "uniform"],
+    "trajectory.resample": ["spread", "official", "uniform"],
     "trajectory.blur_border": ["reflect101", "zeros"],
     "motion_from_video.raft_model": ["raft_large", "raft_small"],
     "motion_from_video.stage": ["dense", "sparse"],

@@ -20,15 +20,15 @@ FRAMES = np.random.default_rng(0).integers(0, 256, (5, 32, 48, 3), dtype=np.uint
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str = "64k", options: str = ""):
     """A tiny tmpfs at ``path`` (root only); the test is skipped where mounting is not allowed."""
-    path.mkdir()
+    path.mkdir(parents=True)
     mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(path)],
                            capture_output=True, text=True)
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip() or 'mount failed'}): needs root")
     try:
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
+    finally:  # lazy: a file the failed code under test still holds open must not keep the mount
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
 def visible(folder: Path) -> list[str]:

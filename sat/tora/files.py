@@ -86,6 +86,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _place_new(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final`` unless ``final`` exists (a hard link is atomic and exclusive; file
+    systems without links get an exists-check first)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError:
+        if final.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(final)) from None
+        os.replace(tmp, final)
+    else:
+        tmp.unlink()
+
+
 class StagedFiles:
     """Temporary files that become their final names together (``commit``) or vanish (``discard``).
 
@@ -105,7 +120,13 @@ class StagedFiles:
         self.pending.append((Path(name), final))
         return Path(name)
 
-    def commit(self) -> None:
+    def retarget(self, rename) -> None:
+        """Give every staged file a new final path, ``rename(final) -> final``."""
+        self.pending = [(tmp, Path(rename(final))) for tmp, final in self.pending]
+
+    def commit(self, exclusive: bool = False) -> None:
+        """fsync, set the mode, rename into place, fsync the folders.  ``exclusive``: never replace an
+        existing file; if one of the final names exists, FileExistsError, with nothing placed."""
         mode = 0o666 & ~current_umask()
         for tmp, final in self.pending:
             try:
@@ -113,8 +134,15 @@ class StagedFiles:
             except OSError as err:
                 raise (no_space_error(final.parent) if disk_full(final.parent, err) else err) from None
             os.chmod(tmp, mode)
-        for tmp, final in self.pending:
-            os.replace(tmp, final)
+        placed = []
+        try:
+            for tmp, final in self.pending:
+                _place_new(tmp, final) if exclusive else os.replace(tmp, final)
+                placed.append(final)
+        except FileExistsError:
+            for final in placed:  # exclusive placements are ours: undo them
+                final.unlink()
+            raise
         for folder in {final.parent for _, final in self.pending}:
             _fsync(folder)
         self.pending = []

@@ -219,10 +219,14 @@ def load_tracks(paths: Sequence[str | Path], num_frames: int, video_size_hw: tup
     return torch.stack(tracks)
 
 
+_TRUNCATION_WARNED: set[tuple[str, int, int]] = set()  # (file, points, frames): say it once per run
+
+
 def warn_if_truncated(path: str | Path, points: Sequence[Point], num_frames: int) -> None:
-    """The official rule drops the end of files with more points than frames: say how much."""
+    """The official rule drops the end of files with more points than frames: say how much (once)."""
     dropped, fraction = official_dropped_tail(points, num_frames)
-    if dropped:
+    if dropped and (str(path), len(points), num_frames) not in _TRUNCATION_WARNED:
+        _TRUNCATION_WARNED.add((str(path), len(points), num_frames))
         logger.warning("%s: %d points for %d frames: trajectory.resample=official uses points 1-%d (step %d) "
                        "and drops the last %d points (%.0f%% of the path length); trajectory.resample=spread "
                        "(the default) keeps the whole path", path, len(points), num_frames,

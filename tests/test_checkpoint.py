@@ -154,3 +154,16 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(mod
             save_checkpoint(model.state_dict(), disk, 2)
         assert (disk / "latest").read_text() == "1" and resolve_checkpoint(disk)[1] == 1
         assert [p.name for p in (disk / "2").iterdir()] == []  # no temporary left behind
+
+
+def test_a_checkpoint_of_another_resolution_loads_with_recomputed_rotary_tables(model, tmp_path):
+    """The README's promise: rotary tables are a function of the config, not weights (issue 14, defect 8)."""
+    save_checkpoint(model.state_dict(), tmp_path, 1)  # the tables are in the file, at 8 x 12 latents
+    other = DiffusionTransformer(network_params_from({**TINY, "latent_height": 10, "latent_width": 6}))
+    load_dit_checkpoint(other, tmp_path)
+    reference = DiffusionTransformer(other.params)
+    for key in ("mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos"):
+        assert other.state_dict()[key].shape != model.state_dict()[key].shape
+        torch.testing.assert_close(other.state_dict()[key], reference.state_dict()[key])
+    torch.testing.assert_close(other.state_dict()["transformer.layers.0.attention.dense.weight"],
+                               model.state_dict()["transformer.layers.0.attention.dense.weight"])

@@ -158,6 +158,9 @@ def compare_two_ranks_with_one(tiny_ckpts, tmp_path, prompt_lines, *extra):
 def test_two_ranks_split_prompts_and_match_one_rank(tiny_ckpts, tmp_path):
     log = compare_two_ranks_with_one(tiny_ckpts, tmp_path, ["one", "two", "three"])
     assert "[rank 1] prompt 1 (seed 1235)" in log and "[rank 0] prompt 2 (seed 1236)" in log
+    for noise in ("initializing model parallel", "Setting accelerator to CPU", "fallback to Pytorch checkpointing",
+                  "torch.jit.script", "Loading weights"):  # the libraries' chatter stays below INFO
+        assert noise not in log, noise
 
 
 def test_cfg_parallel_on_two_ranks_matches_one_rank(tiny_ckpts, tmp_path):
@@ -316,3 +319,10 @@ def test_sample_files_respect_the_umask_and_never_replace_a_concurrent_writer(tm
     for path in files_under(tmp_path):
         assert (tmp_path / path).stat().st_mode & 0o777 == 0o640, path
     assert len(files_under(tmp_path)) == 10  # 2 x (video, record, overlay, points, prompt); no temporaries
+
+
+def test_prompt_file_with_bom_is_read(tmp_path):
+    file = tmp_path / "notepad.txt"
+    file.write_bytes(b"\xef\xbb\xbfa red ball\r\na blue car\r\n")
+    assert [spec.text for spec in read_prompt_file(file, image2video=False, img_dir=None)] == [
+        "a red ball", "a blue car"]

@@ -13,6 +13,7 @@ or derivable entries in :data:`OPTIONAL_KEYS`.  Files are read with ``weights_on
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import zipfile
@@ -23,6 +24,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from .errors import ToraError
 from .files import atomic_path, atomic_write_text  # noqa: F401 (atomic_write_text: re-exported)
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 DIT_PREFIX = "model.diffusion_model."
@@ -160,6 +163,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     """Copy ``state`` into ``model`` after checking keys; entries starting with ``exclude`` are left alone
     (neither expected nor loaded)."""
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(exclude)}
+    state = drop_resized_optional(expected, state, source)
     check_keys(expected, state, source, strict=strict)
     with torch.no_grad():
         for key, target in expected.items():
@@ -167,6 +171,18 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
                 target.copy_(state[key])
     if not any(k.endswith("freqs_cos") for k in state):
         reset_derived_buffers(model)
+
+
+def drop_resized_optional(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,
+                          optional=OPTIONAL_KEYS) -> dict[str, torch.Tensor]:
+    """Leave out the :data:`OPTIONAL_KEYS` whose shape differs from the model's: tables of another
+    resolution or frame count (the rotary tables are then recomputed from the config)."""
+    resized = [k for k, v in state.items() if k.endswith(tuple(optional)) and k in expected
+               and v.shape != expected[k].shape]
+    if resized:
+        logger.info("%s: %s made for another resolution or frame count; recomputed or unused",
+                    source, ", ".join(resized))
+    return {k: v for k, v in state.items() if k not in resized}
 
 
 def reset_derived_buffers(model: torch.nn.Module) -> None:

@@ -250,6 +250,12 @@ def test_bad_files_are_refused_before_any_model_is_built(tiny_ckpts, tmp_path, c
     bad_traj.write_text("10,10\n20;30\n")
     expect_error(caplog, tiny_ckpts, tmp_path, f"{bad_traj}, line 2", "--input-file", str(latin),
                  "--point_path", str(bad_traj))  # trajectories are read before prompts
+    image_line = prompts(tmp_path, "a ball@@ball.png", name="image_line.txt")
+    expect_error(caplog, tiny_ckpts, tmp_path, f"{image_line}:1: the prompt names an image ('@@'), but this is "
+                 "a text-to-video run: pass --image2video and stack configs/tora/model/cogvideox_5b_tora_i2v.yaml",
+                 "--input-file", str(image_line), "--point_path", circle)
+    expect_error(caplog, tiny_ckpts, tmp_path, "--image2video needs an image-to-video model config",
+                 "--image2video", "--input-file", str(image_line), "--point_path", circle)
 
 
 def test_output_folder_problems_are_refused_before_any_model_is_built(tiny_ckpts, tmp_path, caplog, no_models):

@@ -1,8 +1,8 @@
 """Every sampling input checked before a model is built (at full size the models take minutes to load).
 
 ``check_sampling_inputs(cfg)`` reads and validates, in this order: the resolution settings, the frame
-count (``--sampling-num-frames``, in latent frames as typed), the trajectory files, the prompts and
-their images (decoded), the weight paths (DiT, VAE, T5) and the output folder; each error names the
+count (``--sampling-num-frames``, in latent frames as typed), the trajectory files, ``--image2video``
+against the model config, the prompts and their images (decoded), the weight paths (DiT, VAE, T5) and the output folder; each error names the
 flag or config key and the file and line.  What it read comes back as a :class:`SamplingInputs`, so
 nothing is parsed twice.
 """
@@ -18,7 +18,7 @@ from PIL import Image
 from .checkpoint import CheckpointError, resolve_checkpoint
 from .config import ConfigError
 from .files import check_output_folder
-from .prompts import PromptError, PromptSpec, read_prompt_file
+from .prompts import IMAGE_SEPARATOR, PromptError, PromptSpec, read_prompt_file
 from .text import check_t5_folders
 from .trajectory import Point, read_point_file
 
@@ -43,6 +43,7 @@ def check_sampling_inputs(cfg: DictConfig, output_subfolders: tuple[str, ...]) -
     num_frames = check_frames(args.sampling_num_frames, cfg.model.network_config.params, bool(trajectory_files))
     canvas = (cfg.trajectory.canvas_width, cfg.trajectory.canvas_height)
     points = {path: read_point_file(path, canvas, cfg.trajectory.out_of_canvas) for path in trajectory_files}
+    check_mode(cfg)
     prompts = check_prompts(args)
     checkpoint, iteration = resolve_checkpoint(args.load) if args.load else (None, None)
     check_vae_and_t5(cfg)
@@ -89,6 +90,20 @@ def check_frames(latent_frames: Optional[int], params: DictConfig, with_trajecto
     return (latent_frames - 1) * rate + 1
 
 
+I2V_CONFIGS = ("configs/tora/model/cogvideox_5b_tora_i2v.yaml after cogvideox_5b_tora.yaml, or "
+               "configs/tora/model/tora_tiny_i2v.yaml after tora_tiny.yaml")
+
+
+def check_mode(cfg: DictConfig) -> None:
+    """--image2video and the model config must agree (an I2V DiT takes the first-frame latent as input)."""
+    if cfg.args.image2video and not cfg.model.noised_image_input:
+        raise ConfigError(f"--image2video needs an image-to-video model config (model.noised_image_input: "
+                          f"true): stack {I2V_CONFIGS}, and --load the I2V weights")
+    if cfg.model.noised_image_input and not cfg.args.image2video:
+        raise ConfigError("this is an image-to-video model config (model.noised_image_input: true): pass "
+                          "--image2video, with prompt lines 'prompt@@image_name'")
+
+
 def check_prompts(args: DictConfig) -> Optional[list[PromptSpec]]:
     if args.input_type == "cli":
         return None
@@ -98,6 +113,9 @@ def check_prompts(args: DictConfig) -> Optional[list[PromptSpec]]:
     for spec in specs:
         if spec.image_path is not None:
             check_image(spec)
+        elif IMAGE_SEPARATOR in spec.text:
+            raise PromptError(f"{spec.source}: the prompt names an image ('{IMAGE_SEPARATOR}'), but this is a "
+                              f"text-to-video run: pass --image2video and stack {I2V_CONFIGS}")
     return specs
 
 

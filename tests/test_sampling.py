@@ -332,3 +332,18 @@ def test_prompt_file_with_bom_is_read(tmp_path):
     file.write_bytes(b"\xef\xbb\xbfa red ball\r\na blue car\r\n")
     assert [spec.text for spec in read_prompt_file(file, image2video=False, img_dir=None)] == [
         "a red ball", "a blue car"]
+
+
+def test_a_sample_is_reproduced_from_its_record_alone(tiny_ckpts, tmp_path):
+    import yaml
+    out = run(tiny_ckpts, tmp_path, "--input-file", str(prompts(tmp_path, "one", "a red ball")),
+              "--point_path", str(REPO / "trajs/circle.txt"), "args.save_latents=true")
+    record = json.loads((out / "video" / "0001_a_red_ball_seed1235.json").read_text())
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(record["config"]))
+    single = prompts(tmp_path, record["prompt"], name="single.txt")
+    sample_video.main(["--base", str(again), "--input-file", str(single), "--seed", str(record["seed"]),
+                       "--output-dir", str(tmp_path / "again")])
+    first = load_file(out / "latents" / "0001_a_red_ball_seed1235.safetensors")["latents"]
+    second = load_file(tmp_path / "again" / "latents" / "0000_a_red_ball_seed1235.safetensors")["latents"]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)

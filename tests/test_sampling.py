@@ -225,6 +225,9 @@ def test_bad_inputs_are_refused_before_any_model_is_built(tiny_ckpts, tmp_path, 
          "must be a positive multiple of the patch size 2"),
         (["model.network_config.params.latent_width=17"], "'model.network_config.params.latent_width' = 17"),
         (["model.first_stage_config.params.ckpt_path=/nowhere/3d-vae.pt"], "VAE checkpoint not found: /nowhere"),
+        (["args.video_crf=60"], "'args.video_crf' = 60: libx264 quality must be in 0..51"),
+        (["args.sampling_fps=0"], "'args.sampling_fps' = 0: the frame rate must be positive"),
+        (["--seed", str(2**64)], f"--seed (args.seed) = {2**64} is out of range"),
     ]
     for extra, message in cases:
         caplog.clear()

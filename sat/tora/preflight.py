@@ -44,6 +44,7 @@ def check_sampling_inputs(cfg: DictConfig, output_subfolders: tuple[str, ...]) -
     canvas = (cfg.trajectory.canvas_width, cfg.trajectory.canvas_height)
     points = {path: read_point_file(path, canvas, cfg.trajectory.out_of_canvas) for path in trajectory_files}
     check_mode(cfg)
+    check_run_settings(args)
     prompts = check_prompts(args)
     checkpoint, iteration = resolve_checkpoint(args.load) if args.load else (None, None)
     check_vae_and_t5(cfg)
@@ -88,6 +89,21 @@ def check_frames(latent_frames: Optional[int], params: DictConfig, with_trajecto
                           f"{' with trajectories' if with_trajectories else ''}; leave it out for "
                           f"{valid[-1]} ({params.num_frames} frames)")
     return (latent_frames - 1) * rate + 1
+
+
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
+CRF_RANGE = (0, 51)  # libx264's quality scale (0 = lossless)
+
+
+def check_run_settings(args: DictConfig) -> None:
+    """Settings that would otherwise fail only when the first video is seeded or encoded."""
+    if not SEED_RANGE[0] <= args.seed < SEED_RANGE[1]:
+        raise ConfigError(f"--seed (args.seed) = {args.seed} is out of range [{SEED_RANGE[0]}, {SEED_RANGE[1]})")
+    if not CRF_RANGE[0] <= args.video_crf <= CRF_RANGE[1]:
+        raise ConfigError(f"'args.video_crf' = {args.video_crf}: libx264 quality must be in "
+                          f"{CRF_RANGE[0]}..{CRF_RANGE[1]} (lower is better; official 18)")
+    if args.sampling_fps <= 0:
+        raise ConfigError(f"'args.sampling_fps' = {args.sampling_fps}: the frame rate must be positive")
 
 
 I2V_CONFIGS = ("configs/tora/model/cogvideox_5b_tora_i2v.yaml after cogvideox_5b_tora.yaml, or "

@@ -317,17 +317,19 @@ def test_sample_files_respect_the_umask_and_never_replace_a_concurrent_writer(tm
     old = os.umask(0o027)
     try:
         first = writer.write(PromptSpec(0, "a ball"), 1, fake_generation(), ["t.txt"], {"seed": 1})
-        # another sampler's files appeared between our name check and our rename: ours move on to -1
+        # other samplers' files appeared between our name check and our rename: ours move on to -1, -2
         monkeypatch.setattr(OutputWriter, "taken", lambda self, name: False)
         second = writer.write(PromptSpec(0, "a ball"), 1, fake_generation(), ["t.txt"], {"seed": 2})
+        third = writer.write(PromptSpec(0, "a ball"), 1, fake_generation(), ["t.txt"], {"seed": 3})
     finally:
         os.umask(old)
-    assert (first.name, second.name) == ("0000_a_ball_seed1.mp4", "0000_a_ball_seed1-1.mp4")
-    assert json.loads(first.with_suffix(".json").read_text()) == {"seed": 1}
-    assert json.loads(second.with_suffix(".json").read_text()) == {"seed": 2}
+    assert [p.name for p in (first, second, third)] == [
+        "0000_a_ball_seed1.mp4", "0000_a_ball_seed1-1.mp4", "0000_a_ball_seed1-2.mp4"]
+    for path, seed in ((first, 1), (second, 2), (third, 3)):
+        assert json.loads(path.with_suffix(".json").read_text()) == {"seed": seed}
     for path in files_under(tmp_path):
         assert (tmp_path / path).stat().st_mode & 0o777 == 0o640, path
-    assert len(files_under(tmp_path)) == 10  # 2 x (video, record, overlay, points, prompt); no temporaries
+    assert len(files_under(tmp_path)) == 15  # 3 x (video, record, overlay, points, prompt); no temporaries
 
 
 def test_prompt_file_with_bom_is_read(tmp_path):

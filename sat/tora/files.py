@@ -120,9 +120,13 @@ class StagedFiles:
         self.pending.append((Path(name), final))
         return Path(name)
 
-    def retarget(self, rename) -> None:
-        """Give every staged file a new final path, ``rename(final) -> final``."""
-        self.pending = [(tmp, Path(rename(final))) for tmp, final in self.pending]
+    def finals(self) -> list[Path]:
+        return [final for _, final in self.pending]
+
+    def retarget(self, finals: list[Path]) -> None:
+        """New final paths, one per staged file in staging order."""
+        assert len(finals) == len(self.pending)
+        self.pending = [(tmp, Path(final)) for (tmp, _), final in zip(self.pending, finals)]
 
     def commit(self, exclusive: bool = False) -> None:
         """fsync, set the mode, rename into place, fsync the folders.  ``exclusive``: never replace an

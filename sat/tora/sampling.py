@@ -100,11 +100,12 @@ class OutputWriter:
         """Rename the staged files to ``base`` or ``base-1``, ``base-2`` ...: the first name no output
         uses yet.  Exclusive: a sampler writing into the same folder at the same moment never loses
         its files to ours (a clash moves on to the next name)."""
+        places = [(final.parent, final.name[len(base):]) for final in staged.finals()]  # (folder, suffix)
         n = 0
         while True:
             name = base if n == 0 else f"{base}-{n}"
             if not self.taken(name):
-                staged.retarget(lambda final: final.with_name(name + final.name[len(base):]))
+                staged.retarget([folder / f"{name}{suffix}" for folder, suffix in places])
                 try:
                     staged.commit(exclusive=True)
                     return name

@@ -3,9 +3,8 @@
 Every input (prompts and their images, trajectory files, frame count, resolution, weight paths, output
 folder) is checked before a model is built (``tora.preflight``).  Case files (``.jsonl``,
 ``tora.prompts.read_case_file``) give each prompt its own trajectory files (and image).  Prompt k
-(0-based, counting prompts,
-not lines; see ``tora.prompts``) goes to rank k mod world_size (with CFG parallel: to rank pair k mod
-world_size/2) and uses seed ``args.seed + k``, so a result does not depend on how many GPUs made it.
+(0-based, counting prompts, not lines; see ``tora.prompts``) goes to rank k mod world_size (with CFG
+parallel: to rank pair k mod world_size/2) and uses seed ``args.seed + k``, so a result does not depend on how many GPUs made it.
 
 Per sample, under ``args.output_dir`` (never overwriting: an existing name gets a ``-1``, ``-2`` ... suffix):
 

@@ -1,4 +1,4 @@
-# Quick start:  make demo   (set up + sample a clip with the embedded small trained model)
+# Quick start:  make demo   (set up + sample a clip with the embedded tiny model)
 #               make test   (set up + run the whole test suite)
 #               make app    (set up + serve the trajectory editor on http://127.0.0.1:7860)
 VENV    ?= .venv
@@ -25,14 +25,15 @@ golden: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# The embedded default: the small model trained on synthetic moving shapes (models/small/, made by
-# scripts/train_moving_objects.py), image-to-video: the ball of assets/images follows trajs/pause.txt.
-# One sample_video.py call: rerun it with your own --point_path files and first frame.
-SMALL := configs/tora/model/tora_small.yaml
+# The embedded tiny default: random-weight checkpoints (made once), then an image-to-video sample with
+# a trajectory.  The weights are untrained, so the video shows no real content.  (The small model
+# trained on moving shapes, configs/tora/model/tora_small*.yaml, is made by
+# scripts/train_moving_objects.py on a GPU; see docs/EVALUATION.md.)
 demo: setup
-	$(PY) sat/sample_video.py --base $(SMALL) configs/tora/model/tora_small_i2v.yaml configs/tora/inference.yaml \
-		--load models/small/i2v --image2video --img_dir assets/images --input-file assets/small_i2v_prompts.txt \
-		--point_path trajs/pause.txt --output-dir samples/demo
+	$(PY) scripts/make_tiny_checkpoints.py --if-missing
+	$(PY) sat/sample_video.py --base configs/tora/model/tora_tiny.yaml configs/tora/model/tora_tiny_i2v.yaml \
+		configs/tora/inference.yaml --load ckpts/tiny/i2v --image2video --img_dir assets/images \
+		--input-file assets/i2v_prompts.txt --point_path trajs/pause.txt --output-dir samples/demo
 	@echo "demo videos: samples/demo/video (trajectory overlay: samples/demo/traj_video)"
 
 # The trajectory editor in the browser, on the default model of configs/tora/app.yaml (the one place

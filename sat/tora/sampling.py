@@ -238,7 +238,6 @@ def run_sampling(cfg: DictConfig) -> list[Path]:
         if spec.index % workers != worker:
             continue
         seed = args.seed + spec.index
-        files = trajectory_files if spec.point_paths is None or args.no_flow_injection else spec.point_paths
         image = load_image(spec.image_path, engine.video_size_hw, args.image_resize) if spec.image_path else None
         logger.info("[rank %d] prompt %d (seed %d): %s", rank, spec.index, seed, spec.text)
         files = inputs.trajectory_files if spec.point_paths is None or args.no_flow_injection else spec.point_paths

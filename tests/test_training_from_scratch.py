@@ -136,3 +136,22 @@ def test_cached_latents_are_the_uncached_ones(stage):
     assert outputs[False][1] == 2 * per_step
     # with the cache the second step encodes nothing but the sparse stage's new motion videos
     assert outputs[True][1] == per_step + (2 if stage == "sparse" else 0)
+
+
+def test_cpu_flows_are_computed_in_the_data_workers(tmp_path):
+    """With Farneback the dataset items carry the clip's flows (the loader's workers compute them), and
+    the preparer uses them instead of computing its own."""
+    from tora.data import SFTDataset
+    from tora.video_io import write_mp4
+    clip, _ = moving_disc(frames=5)
+    frames = ((clip + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    write_mp4(tmp_path / "videos/disc.mp4", frames, fps=8)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels/disc.txt").write_text("a red disc\n")
+    cfg = config("motion_from_video.flow_estimator=farneback", "data.params.video_size=[48,64]",
+                 "data.params.max_num_frames=5", "data.params.skip_frms_num=0")
+    assert training.worker_flows(config("motion_from_video.stage=none").motion_from_video) is None
+    assert training.worker_flows(config().motion_from_video) is None  # RAFT runs in the preparer
+    item = SFTDataset([tmp_path], cfg.data.params, flows=training.worker_flows(cfg.motion_from_video))[0]
+    assert item["flows"].dtype == torch.float16 and item["flows"].shape == (4, 48, 64, 2)
+    assert torch.allclose(item["flows"].float(), farneback_flows(item["mp4"], cfg.motion_from_video), atol=1e-2)

@@ -22,6 +22,7 @@ import warnings
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
+from tora import sat_compat  # noqa: E402
 from tora.config import ConfigError, load_config, parse_cli  # noqa: E402
 
 
@@ -49,6 +50,8 @@ def parse_args(argv=None):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("sat").propagate = False  # SAT logs through its own handler
+    sat_compat.name_accelerator()  # before SAT (and so DeepSpeed) is first imported
+    sat_compat.quiet_logs()
     options = parse_args(argv)
     flags = {k: v for k, v in vars(options).items() if k not in ("base", "overrides") and v is not None}
     log = logging.getLogger("train_video")

@@ -1,5 +1,5 @@
-"""Fine-tuning (tora.training, sat/train_video.py): official settings, the step's pieces, and real runs
-of SAT's training_main + DeepSpeed on the CPU (gloo, fp32) with a micro model.
+"""Fine-tuning (tora.training, tora.run_folder, sat/train_video.py): official settings, the step's
+pieces, and real runs of the training loop + DeepSpeed ZeRO-2 on the CPU (gloo, fp32) with a micro model.
 
 In-process runs use a cheap deterministic RAFT stand-in (``StubRaft``); the torchrun test runs the
 real RAFT (random weights).
@@ -170,31 +170,46 @@ def test_deepspeed_config_follows_the_dtype_and_avoids_compiled_ops():
             deepspeed_config(bad, torch.float32)
 
 
-def test_official_learning_rate_schedule_and_its_resume():
-    from sat.training.deepspeed_training import get_learning_rate_scheduler
+def lr_args(**changes):
     from argparse import Namespace
-    lr, iters = 1e-4, 15000
-    args = Namespace(lr=lr, lr_decay_iters=None, train_iters=iters, warmup=0.01, lr_decay_style="linear",
-                     lr_decay_ratio=0.1, mode="finetune")
+    args = dict(lr=1e-4, lr_decay_iters=None, train_iters=15000, warmup=0.01, lr_decay_style="linear",
+                lr_decay_ratio=0.1, mode="finetune", auto_warmup_steps=100, auto_warmup_rate=0.05)
+    return Namespace(**{**args, **changes})
 
-    def schedule(start, steps):
-        optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = training.resumable_lr_scheduler(get_learning_rate_scheduler)(optimizer, start, args)
-        values = []
-        for _ in range(steps):
-            values.append(optimizer.param_groups[0]["lr"])
-            scheduler.step()
-        return values
 
-    values = schedule(0, 400)  # values[k] = the lr of step k + 1 (spec 7.5)
+def sat_schedule(args, steps: int) -> list[float]:
+    """SAT's AnnealingLR as training_main used it (the reference): the lr of steps 1..steps."""
+    from sat.training.deepspeed_training import get_learning_rate_scheduler
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_learning_rate_scheduler(optimizer, 0, args, auto_warmup_steps=args.auto_warmup_steps,
+                                            auto_warmup_rate=args.auto_warmup_rate)
+    values = []
+    for _ in range(steps):
+        values.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    return values
+
+
+def test_official_learning_rate_schedule():
+    lr, iters, args = 1e-4, 15000, lr_args()
+    values = [training.learning_rate(n, lr, args) for n in range(1, 1001)]  # values[k]: step k + 1
     for n in (1, 5, 7, 8, 50, 100):
         assert values[n - 1] == pytest.approx(min(0.05 * lr, lr * n / 150))
     for n in (101, 120, 150):
         assert values[n - 1] == pytest.approx(lr * n / 150)
     for n in (151, 300, 400):
         assert values[n - 1] == pytest.approx(lr * (iters - (n - 150)) / iters)
-    assert schedule(0, 1000)[-1] == pytest.approx(lr * (iters - 850) / iters)
-    assert schedule(120, 200) == pytest.approx(values[120:320], rel=1e-12)  # resumed: the same curve
+    assert values[-1] == pytest.approx(lr * (iters - 850) / iters)
+    assert values == pytest.approx(sat_schedule(args, 1000), rel=1e-12)  # SAT's AnnealingLR, step by step
+
+
+@pytest.mark.parametrize("changes", [dict(lr_decay_style="cosine", train_iters=300, warmup=0.1),
+                                     dict(lr_decay_style="constant", auto_warmup_steps=0, warmup=0.1, train_iters=50),
+                                     dict(lr_decay_style="linear", lr_decay_iters=200, train_iters=300)])
+def test_learning_rate_equals_sat_annealing_lr_for_every_style(changes):
+    args = lr_args(**changes)
+    ours = [training.learning_rate(n, 1e-3, args) for n in range(1, args.train_iters + 1)]
+    assert ours == pytest.approx(sat_schedule(lr_args(**changes, lr=1e-3), args.train_iters), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +217,7 @@ def test_official_learning_rate_schedule_and_its_resume():
 # ----------------------------------------------------------------------------------------------
 
 def test_only_the_motion_modules_are_trainable_and_decay_follows_the_official_groups(micro):
-    from sat.training.deepspeed_training import get_optimizer_param_groups
+    from sat.training.deepspeed_training import get_optimizer_param_groups  # the official grouping
     cfg = load_config(TRAIN_BASE, micro_overrides(micro))
     dit = build_dit(cfg, None, torch.device("cpu"), torch.float32)
     module = ToraTrainingModule(dit, loss_fn=None, trainable_modules=["fuser", "traj_extractor"])
@@ -212,7 +227,9 @@ def test_only_the_motion_modules_are_trainable_and_decay_follows_the_official_gr
     assert count == sum(p.numel() for n, p in dit.named_parameters() if n in trainable)
     assert all(("fuser_list" in n or n.startswith("traj_extractor.")) == (n in trainable)
                for n, _ in dit.named_parameters())
-    decay, no_decay = get_optimizer_param_groups(module)
+    decay, no_decay = training.decay_groups(module)
+    official = get_optimizer_param_groups(module)
+    assert [[id(p) for p in g["params"]] for g in (decay, no_decay)] == [[id(p) for p in g["params"]] for g in official]
     names = {id(p): n for n, p in dit.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert not any(n.endswith(".bias") for n in decayed) and "weight_decay" not in decay
@@ -294,7 +311,7 @@ def test_sampler_covers_epochs_splits_ranks_and_resumes_anywhere():
 
 
 # ----------------------------------------------------------------------------------------------
-# Real runs: SAT training_main + DeepSpeed ZeRO-2 on the CPU
+# Real runs: the training loop + DeepSpeed ZeRO-2 on the CPU
 # ----------------------------------------------------------------------------------------------
 
 RUN = ["args.train_iters=6", "args.save_interval=2", "args.keep_last_checkpoints=2", "args.ema_decay=0.9",
@@ -343,10 +360,11 @@ def test_crash_while_saving_keeps_the_last_checkpoint_and_resume_continues_the_c
     cfg = micro_cfg(micro, tmp_path / "runs", *RUN)
     real_save = torch.save
 
-    def dying_save(obj, path, *args, **kwargs):
-        if Path(path).name == MODEL_FILE and "incomplete-4" in str(path):
+    def dying_save(obj, file, *args, **kwargs):
+        path = str(getattr(file, "name", file))  # a path, or the open (temporary) file of a durable write
+        if MODEL_FILE in Path(path).name and "incomplete-4" in path:
             raise KeyboardInterrupt("killed while saving iteration 4")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):

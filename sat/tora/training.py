@@ -1,5 +1,4 @@
-"""Fine-tuning Tora's motion modules (spec 7): the training step, the loop around SAT's
-``training_main``, checkpoints and resume.
+"""Fine-tuning Tora's motion modules: the training step and the loop around it (``train``).
 
 One training step, per micro-batch of clips (everything above the line is frozen and runs without
 autograd; only the DiT's ``trainable_modules`` get gradients)::
@@ -15,35 +14,24 @@ autograd; only the DiT's ``trainable_modules`` get gradients)::
 The sparse motion goes through ``trajectory.tracks_to_video``, the function that also turns the
 point files of sampling into motion videos; ``trajectory.blur_border`` and
 ``trajectory.flow_image_chunk_frames`` select the official training numerics (zero border, colours
-per 2 frames) or the sampling ones (reflect-101, all frames) - spec 10.6.
+per 2 frames) or the sampling ones (reflect-101, all frames); docs/OFFICIAL_QUIRKS.md.
+
+The loop (:func:`train`, top to bottom): DeepSpeed engine (ZeRO-2, bf16 on GPU / fp32 on CPU,
+torch AdamW on the official decay groups), then per step: the learning rate of the official
+AnnealingLR schedule (:func:`learning_rate`), ``accumulation`` micro-batches of forward + backward,
+DeepSpeed's step (average over ranks, clip to ``deepspeed.gradient_clipping``, AdamW), EMA, one
+``metrics.jsonl`` line, a checkpoint every ``args.save_interval`` steps.  :class:`TrainState` is what
+a checkpoint holds and resume restores; the run folder's layout: ``tora.run_folder``.
 
 Randomness: every draw of step k (keypoints, posterior samples, timesteps, noise, dropouts) comes
 from generators seeded by (seed, k, micro-batch, data-parallel rank), and the global RNG is reseeded
 the same way; clips come from epoch-wise shuffles seeded by (seed, epoch) (``StepBatchSampler``)
 and each item is seeded by (seed, epoch, index) (``data.SFTDataset``).  So the RNG and data
 position of a run are functions of the iteration: a resumed run replays the same steps.
-
-SAT's ``training_main`` drives the loop (DeepSpeed engine, train_step, logging, save interval);
-:meth:`Trainer.sat_replacements` lists the SAT functions replaced for one run and why.
-
-Run folder ``<save>/<experiment_name>-MM-DD-HH-MM/`` (or the folder given to ``--resume``)::
-
-    latest                                 last complete checkpoint (the commit point of a save)
-    <iter>/mp_rank_00_model_states.pt      the whole DiT, SAT layout: sample_video.py --load <run>
-    <iter>/training_state.pt               iteration, world size, batch: what resume checks
-    <iter>/deepspeed/                      DeepSpeed's files: ZeRO optimizer partitions + fp32
-                                           master weights (one file per rank), trainable weights
-    <iter>-ema/mp_rank_00_model_states.pt  the DiT with EMA weights (fp32) when args.ema_decay > 0
-    metrics.jsonl                          one line per step (step, loss, lr, grad_norm, times ...)
-    training_config.yaml, train.log        the merged config of the run; its log
-    tensorboard/                           when args.tensorboard
-
-A save writes everything into ``.incomplete-<iter>/``, renames the folders into place, then
-rewrites ``latest`` atomically: a crash at any point leaves the previous checkpoint and ``latest``
-intact.  Keeps the last ``args.keep_last_checkpoints`` checkpoints (0 = all).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -51,8 +39,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -63,25 +50,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import sat_compat
-from .checkpoint import (MODEL_FILE, CheckpointError, atomic_write_text, load_dit_checkpoint, load_into,
-                         load_state_dict, read_dit_state, resolve_checkpoint)
+from . import run_folder, sat_compat
+from .checkpoint import CheckpointError, load_dit_checkpoint, load_state_dict
 from .config import ConfigError
 from .diffusion import DiscreteDenoiser, VideoDiffusionLoss, conditioned_network, gaussian_noise
 from .dit import DiffusionTransformer
-from .runtime import DTYPES, default_dtype, pick_device
+# Model factory and base loading (shared with sampling); these names stay importable from here.
+from .model_factory import (MOTION_MODULE_KEYS, UNTRAINED_MARKER, base_checkpoint,  # noqa: F401
+                            init_motion_modules_, load_base_weights)
+from .run_folder import CONFIG_FILE, DEEPSPEED_TAG, METRICS_FILE, TRAINING_STATE_FILE
+from .runtime import DTYPES, default_dtype, pick_device, seed_everything
 from .tracking import dense_motion_flow, raft_flows, track_keypoints
 from .trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
 
 logger = logging.getLogger(__name__)
 
-DEEPSPEED_TAG = "deepspeed"  # <iter>/deepspeed/: DeepSpeed's own checkpoint files
-TRAINING_STATE_FILE = "training_state.pt"
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "training_config.yaml"
 RAFT_MIN_SIZE = 128  # RAFT's correlation pyramid needs frames of at least 128 x 128 pixels
-# Parameters that the official base checkpoint (CogVideoX-5B) lacks: Tora's motion modules.
-MOTION_MODULE_KEYS = ("traj_extractor.", "mixins.adaln_layer.fuser_list.")
+LR_DECAY_STYLES = ("linear", "cosine", "exponential", "constant", "None")  # SAT AnnealingLR's names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +235,7 @@ class ToraTrainingModule(nn.Module):
     """The DiT (as ``model.diffusion_model``, the official engine's key layout) and its loss.
 
     ``forward(inputs)`` (from :class:`BatchPreparer`) returns the mean v-prediction loss of the
-    micro-batch.  SAT calls :meth:`disable_untrainable_params` before building the optimizer.
+    micro-batch.  :meth:`disable_untrainable_params` runs before the optimizer is built.
     """
 
     def __init__(self, dit: DiffusionTransformer, loss_fn: VideoDiffusionLoss, trainable_modules):
@@ -307,63 +292,14 @@ class EMA:
         return state
 
 
+
 # ----------------------------------------------------------------------------------------------
 # Weights
 # ----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def init_motion_modules_(dit: DiffusionTransformer, seed: int = 0) -> None:
-    """The constructor's initialisation of the trajectory extractor and the fusers (fusers start as
-    the identity: zero temporal convs), seeded: for training from a base without Tora modules."""
-    with torch.random.fork_rng(devices=[dit.device] if dit.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for module in dit.traj_extractor.modules():
-            if hasattr(module, "reset_parameters") and module is not dit.traj_extractor:
-                module.reset_parameters()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-        dit.traj_extractor.reset_parameters()
-        for fuser in dit.fusers:
-            for module in fuser.children():
-                module.reset_parameters()
-            for conv in (fuser.flow_gamma_temporal, fuser.flow_beta_temporal):
-                nn.init.zeros_(conv.weight)
-                nn.init.zeros_(conv.bias)
-
-
-def base_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder/file of ``args.load``; a CogVideoX ``*-sat`` download folder is accepted
-    too (its weights live in ``transformer/``)."""
-    path = Path(path)
-    try:
-        resolve_checkpoint(path)
-        return path
-    except CheckpointError:
-        if (path / "transformer").is_dir():
-            return path / "transformer"
-        raise
-
-
-def load_base_weights(dit: DiffusionTransformer, path: str | os.PathLike, seed: int = 0) -> int | None:
-    """Load ``args.load`` into the DiT: a Tora checkpoint (all keys), or the CogVideoX-5B SAT base,
-    which lacks the motion modules - those get :func:`init_motion_modules_`.  Any other missing,
-    unexpected or mis-shaped key is an error.  Returns the checkpoint's iteration (or None)."""
-    state, file, iteration = read_dit_state(base_checkpoint(path))
-    motion_keys = [k for k in dit.state_dict() if k.startswith(MOTION_MODULE_KEYS)]
-    motion_missing = [k for k in motion_keys if k not in state]
-    if motion_missing and len(motion_missing) == len(motion_keys):  # a base without Tora modules
-        load_into(dit, state, str(file), exclude=MOTION_MODULE_KEYS)
-        init_motion_modules_(dit, seed)
-        logger.info("%s has no motion modules (%d tensors): trajectory extractor and fusers start from "
-                    "their initialisation (fusers = identity)", file, len(motion_missing))
-    else:  # a Tora checkpoint: everything must be there
-        load_into(dit, state, str(file))
-    return iteration
-
-
 def build_components(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Components:
     """The real components: the DiT with the weights of ``args.load``, VAE, T5, RAFT."""
-    from .engine import build_dit
+    from .model_factory import build_dit
     from .text import build_conditioner
     from .tracking import load_raft
     from .vae import load_vae
@@ -478,7 +414,7 @@ def deepspeed_config(cfg: DictConfig, dtype: torch.dtype) -> dict:
     zero = ds.setdefault("zero_optimization", {"stage": 2})
     if zero.get("stage", 0) not in (0, 1, 2):
         raise ConfigError(f"deepspeed.zero_optimization.stage = {zero.get('stage')} is not supported "
-                          "(SAT's ZeRO-3 model construction fails; use 2, the official value)")
+                          "(ZeRO-3 partitions the SAT model's construction; use 2, the official value)")
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
     if str(optimizer.get("type", "")).endswith("FusedEmaAdam"):
@@ -506,7 +442,7 @@ def check_training_config(cfg: DictConfig) -> None:
     if a.train_iters < 1:
         fail("train_iters", "must be >= 1")
     if a.seed < 1:
-        fail("seed", "must be >= 1 (SAT asserts a positive seed)")
+        fail("seed", "must be >= 1 (the official SAT code asserts a positive seed)")
     if not a.train_data:
         fail("train_data", "name at least one data folder")
     if a.save_interval < 1 or a.log_interval < 1:
@@ -516,7 +452,11 @@ def check_training_config(cfg: DictConfig) -> None:
     if not 0.0 <= a.ema_decay < 1.0:
         fail("ema_decay", "must be in [0, 1) (0 = no EMA)")
     if a.auto_warmup_steps > 0 and a.warmup <= 0:
-        fail("warmup", "must be > 0 while args.auto_warmup_steps > 0 (SAT's AnnealingLR divides by it)")
+        fail("warmup", "must be > 0 while args.auto_warmup_steps > 0 (the schedule divides by it)")
+    if a.lr_decay_style not in LR_DECAY_STYLES:
+        fail("lr_decay_style", f"choose one of {list(LR_DECAY_STYLES)}")
+    if not 0.0 <= a.warmup <= 1.0:
+        fail("warmup", "must be in [0, 1] (a fraction of the decay length)")
     if a.model_parallel_size != 1:
         fail("model_parallel_size", "only 1 is supported")
     if a.valid_data:
@@ -524,43 +464,6 @@ def check_training_config(cfg: DictConfig) -> None:
     if cfg.model.noised_image_input != (cfg.model.network_config.params.in_channels == 32):
         raise ConfigError("model.noised_image_input must be true exactly for the I2V model "
                           "(network_config.params.in_channels 32)")
-
-
-def sat_argv(cfg: DictConfig, deepspeed_json: str) -> list[str]:
-    """SAT's command line for ``training_main`` from the config (official args names)."""
-    a = cfg.args
-    argv = ["--mode", "finetune", "--train-iters", str(a.train_iters), "--seed", str(a.seed),
-            "--experiment-name", a.experiment_name, "--deepspeed_config", deepspeed_json,
-            "--train-data", *[str(p) for p in a.train_data], "--num-workers", str(a.num_workers),
-            "--log-interval", str(a.log_interval), "--save-interval", str(a.save_interval),
-            "--save", str(a.save), "--warmup", str(a.warmup), "--lr-decay-style", a.lr_decay_style,
-            "--lr-decay-ratio", str(a.lr_decay_ratio),
-            "--num-layers", str(cfg.model.network_config.params.num_layers),
-            "--hidden-dropout", "0", "--attention-dropout", "0", "--no-save-rng", "--no-load-rng"]
-    if a.lr_decay_iters is not None:
-        argv += ["--lr-decay-iters", str(a.lr_decay_iters)]
-    if a.exit_interval:
-        argv += ["--exit-interval", str(a.exit_interval)]
-    if a.checkpoint_activations:
-        argv += ["--checkpoint-activations"]
-    return argv
-
-
-def resumable_lr_scheduler(sat_factory, auto_warmup_steps: int = 100, auto_warmup_rate: float = 0.05):
-    """SAT's ``get_learning_rate_scheduler`` (AnnealingLR), built at iteration 0 and advanced to the
-    given iteration, so a resumed run continues the schedule exactly.  (SAT itself restarts a
-    resumed schedule with another 100 auto-warmup steps, as it never restored the optimizer.)
-
-    Official finetune schedule (spec 7.5, lr L, T = train_iters, W = warmup * T): step n (1-based)
-    uses min(rate L, L n / W) for n <= auto_warmup_steps, L n / W up to W, then L (T - (n - W)) / T.
-    """
-    def build(optimizer, iteration, args):
-        scheduler = sat_factory(optimizer, 0, args, auto_warmup_steps=auto_warmup_steps,
-                                auto_warmup_rate=auto_warmup_rate)
-        if iteration:
-            scheduler.step(iteration + 1)  # the lr of step `iteration` (0-based) is f(iteration + 1)
-        return scheduler
-    return build
 
 
 def config_changes(before: DictConfig, after: DictConfig,
@@ -578,44 +481,75 @@ def config_changes(before: DictConfig, after: DictConfig,
             if old.get(key) != new.get(key) and key not in ignore]
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-
-def checkpoint_iterations(run_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in run_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def latest_iteration(run_dir: Path) -> Optional[int]:
-    latest = run_dir / "latest"
-    return int(latest.read_text().strip()) if latest.is_file() else None
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> list[int]:
-    """Delete all but the ``keep`` newest checkpoints (and their ``-ema`` twins); never the one
-    ``latest`` names.  keep 0 keeps everything.  Returns the deleted iterations."""
-    if keep <= 0:
-        return []
-    latest = latest_iteration(run_dir)
-    deleted = []
-    for iteration in checkpoint_iterations(run_dir)[:-keep]:
-        if iteration == latest:
-            continue
-        for name in (f"{iteration}-ema", str(iteration)):  # the model folder last
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        deleted.append(iteration)
-    return deleted
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# Optimizer groups and learning rate (the official SAT rules, written out)
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class ResumePoint:
-    iteration: int
-    folder: Path  # <run>/<iteration>
-    state: dict = field(default_factory=dict)
+def no_decay_module_types() -> tuple[type, ...]:
+    """Norm layers whose parameters get no weight decay (SAT's ``NO_WD_MODULES``)."""
+    from sat.ops.layernorm import LayerNorm, RMSNorm
+    return (LayerNorm, nn.LayerNorm, RMSNorm)
+
+
+def decay_groups(module: nn.Module) -> list[dict]:
+    """The trainable parameters in the official two AdamW groups: weights with the configured
+    weight decay, then biases and the parameters of LayerNorm/RMSNorm layers with none.  Other norms
+    (GroupNorm, BatchNorm) are decayed, as in SAT; a parameter flagged ``no_weight_decay`` is not."""
+    norms = no_decay_module_types()
+    decay, no_decay = [], []
+    for layer in module.modules():
+        for name, param in layer._parameters.items():
+            if param is None or not param.requires_grad:
+                continue
+            exempt = isinstance(layer, norms) or name == "bias" or getattr(param, "no_weight_decay", False)
+            (no_decay if exempt else decay).append(param)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def learning_rate(step: int, base_lr: float, args) -> float:
+    """The learning rate of optimizer step ``step`` (1-based), SAT's AnnealingLR in finetune mode.
+
+    With L = base_lr, T = lr_decay_iters or train_iters, W = warmup * T:
+    steps 1..auto_warmup_steps use min(auto_warmup_rate L, L n / W); then L n / W up to W; then
+    linear: L (T - (n - W)) / T, cosine: from L down to lr_decay_ratio L, else L.
+    """
+    total = max(1, args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters)
+    warmup = args.warmup * total
+    if step <= args.auto_warmup_steps:
+        return min(float(base_lr) * args.auto_warmup_rate, float(base_lr) * step / warmup)
+    if warmup > 0 and step <= warmup:
+        return float(base_lr) * step / warmup
+    if args.lr_decay_style == "linear":
+        return base_lr * ((total - (step - warmup)) / total)
+    if args.lr_decay_style == "cosine":
+        ratio = 1 / args.lr_decay_ratio
+        progress = min(1.0, (step - warmup) / total)
+        return base_lr / ratio * ((math.cos(math.pi * progress) + 1) * (ratio - 1) / 2 + 1)
+    return base_lr  # exponential (SAT: constant as well), constant, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
+
+def start_processes(device: torch.device, ds_config: dict, cfg: DictConfig) -> tuple[int, int]:
+    """torch.distributed (NCCL on GPU, gloo on CPU) + DeepSpeed's communication + SAT's
+    model-parallel state (size 1) and activation checkpointing; returns (rank, world size)."""
+    sat_compat.prepare_process()
+    import deepspeed
+    from .runtime import init_distributed
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # Creates the process group, or adopts one that exists (a model built earlier in this process).
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+    init_distributed()  # SAT's model-parallel state, which the DiT's SAT layers read
+    sat_compat.configure_activation_checkpointing(ds_config, cfg.model.network_config.params.num_layers,
+                                                  cfg.args.seed)
+    sat_compat.quiet_logs()
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def _barrier() -> None:
@@ -631,315 +565,416 @@ def _broadcast(value):
     return value
 
 
-class Trainer:
-    """One training run on top of SAT's ``training_main``; see the module docstring.
+def _mean_over_ranks(value: Tensor) -> Tensor:
+    """The mean of a scalar over all ranks (what the log shows: the loss of the global batch)."""
+    value = value.detach().clone().float()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(value)
+        value /= torch.distributed.get_world_size()
+    return value
 
-    Typical use (``run_training`` does exactly this)::
 
-        trainer = Trainer(cfg)            # SAT args, torch.distributed, DeepSpeed comm, run folder
-        trainer.setup(build_components(trainer.cfg, trainer.device, trainer.dtype))
-        trainer.run()
+def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """True when ``ok`` on every rank (so that no rank waits in a barrier for a failed one)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# The state a checkpoint holds
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds and resume restores.  The data position and every random draw are
+    functions of ``iteration`` (see the module docstring), so nothing else is needed to continue."""
+    iteration: int  # optimizer steps done
+    engine: object  # the DeepSpeed engine: trainable weights, fp32 masters, ZeRO optimizer partitions
+    module: "ToraTrainingModule"
+    ema: Optional["EMA"]  # rank 0 only
+    # The run's shape: ZeRO partitions and the data order depend on it, so resume must match it.
+    world_size: int
+    micro_batch: int
+    accumulation: int
+    seed: int
+
+    def shape(self) -> dict:
+        return {"world_size": self.world_size, "micro_batch": self.micro_batch, "accumulation": self.accumulation}
+
+    def record(self) -> dict:
+        """``training_state.pt``."""
+        return {"iteration": self.iteration, **self.shape(), "seed": self.seed,
+                "consumed_micro_batches_per_rank": self.iteration * self.accumulation}
+
+
+def save_checkpoint(state: TrainState, run_dir: Path, keep: int, rank: int, device: torch.device) -> None:
+    """Checkpoint ``state.iteration``: stage every file, fsync, rename, then ``latest`` (run_folder).
+
+    A failed write (a full disk) removes the staging folder and raises CheckpointError on every
+    rank; the previous checkpoint and ``latest`` stay as they were.
     """
-
-    def __init__(self, cfg: DictConfig):
-        check_training_config(cfg)
-        cfg = copy.deepcopy(cfg)
-        # args.checkpoint_activations (official key) switches the DiT's activation checkpointing.
-        cfg.model.network_config.params.transformer_args.checkpoint_activations = cfg.args.checkpoint_activations
-        self.cfg = cfg
-        self.device = pick_device(cfg.args.device) if cfg.args.device else pick_device(None)
-        self.dtype = training_dtype(cfg, self.device)
-        self.ds_config = deepspeed_config(cfg, self.dtype)
-        self.args = self._sat_args()
-        self.rank = torch.distributed.get_rank()
-        self.world_size = torch.distributed.get_world_size()
-        self.micro_batch = self.args.batch_size
-        self.accumulation = self.args.gradient_accumulation_steps or 1
-        self.run_dir = self._run_dir()
-        self.resume = self._find_resume()
-        self.start_iteration = self.resume.iteration if self.resume else 0
-        self.saved_iteration = self.start_iteration
-        self.ema: Optional[EMA] = None
-        self._micro = (-1, 0)  # (iteration, micro-batch index) of the last forward step
-        self._step_timing: dict = {}
-
-    # -- process and folders ---------------------------------------------------------------------
-    def _sat_args(self):
-        import tempfile
-        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tora-ds-", delete=False) as file:
-            json.dump(self.ds_config, file)
-        try:
-            args = sat_compat.sat_get_args(sat_argv(self.cfg, file.name))
-        finally:
-            os.unlink(file.name)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        return args
-
-    def _run_dir(self) -> Path:
-        if self.cfg.args.resume:
-            run_dir = Path(self.cfg.args.resume)
-            if not (run_dir / "latest").is_file():
-                raise CheckpointError(f"cannot resume from {run_dir}: no 'latest' file (not a run folder "
-                                      "of train_video.py, or no checkpoint was completed)")
-            return run_dir
-        stamp = _broadcast(datetime.now().strftime("%m-%d-%H-%M"))
-        run_dir = Path(self.cfg.args.save) / f"{self.cfg.args.experiment_name}-{stamp}"
-        if self.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+    iteration = state.iteration
+    staging = run_folder.staging_dir(run_dir, iteration)
+    folder = staging / str(iteration)
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+        folder.mkdir(parents=True)
+    _barrier()
+    error = None
+    try:
+        state.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state={"iteration": iteration},
+                                     save_latest=False, exclude_frozen_parameters=True)
+        if rank == 0:
+            _write_model_files(state, staging)
+    except (OSError, RuntimeError) as err:
+        error = err if isinstance(err, CheckpointError) else run_folder.write_error(err, folder)
+    if not _all_ranks_ok(error is None, device):
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
         _barrier()
-        return run_dir
+        raise error or CheckpointError(f"saving checkpoint {iteration} failed on another rank (see its log)")
+    if rank == 0:
+        deleted = run_folder.commit_checkpoint(run_dir, iteration, keep)
+        logger.info("saved checkpoint %s%s", run_dir / str(iteration),
+                    f" (deleted iterations {deleted})" if deleted else "")
+    _barrier()
 
-    def _find_resume(self) -> Optional[ResumePoint]:
-        if not self.cfg.args.resume:
-            return None
-        iteration = latest_iteration(self.run_dir)
-        folder = self.run_dir / str(iteration)
-        state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
-        now = {"world_size": self.world_size, "micro_batch": self.micro_batch, "accumulation": self.accumulation}
-        for key, value in now.items():
-            if state[key] != value:
-                raise CheckpointError(
-                    f"cannot resume {self.run_dir} at iteration {iteration}: it was trained with {key} "
-                    f"{state[key]}, this run has {value} (the ZeRO optimizer partitions and the data "
-                    f"order depend on it).  To continue from its weights with a fresh optimizer, start a "
-                    f"new run with --load {self.run_dir}")
-        logger.info("resuming %s at iteration %d", self.run_dir, iteration)
-        return ResumePoint(iteration, folder, state)
 
-    # -- setup -----------------------------------------------------------------------------------
-    def setup(self, components: Components, dataset=None) -> None:
-        """Wrap the components, load the resumed weights, open the data and the metrics file."""
-        cfg = self.cfg
-        dit = components.dit
-        if self.resume is not None:
-            load_dit_checkpoint(dit, self.resume.folder)
-        denoiser = DiscreteDenoiser.from_config(cfg.model.denoiser_config)
-        loss_fn = VideoDiffusionLoss.from_config(cfg.model.loss_fn_config, denoiser, self.rank, self.world_size)
-        self.module = ToraTrainingModule(dit, loss_fn, cfg.model.trainable_modules)
-        self.preparer = BatchPreparer(cfg, components, self.device)
-        if dataset is None:
-            from .data import SFTDataset
-            dataset = SFTDataset(list(cfg.args.train_data), cfg.data.params, seed=cfg.args.seed)
-        self.dataset = dataset
-        self.metrics_path = self.run_dir / METRICS_FILE
-        if self.rank == 0:
-            self._write_run_files()
-        _barrier()
+def _write_model_files(state: TrainState, staging: Path) -> None:
+    """Rank 0: the whole DiT in SAT's layout, training_state.pt, and the EMA twin."""
+    iteration = state.iteration
+    module_state = {k: v.detach().cpu() for k, v in state.module.state_dict().items()}
+    run_folder.write_durably(staging / str(iteration) / run_folder.MODEL_FILE,
+                             lambda f: torch.save({"module": module_state, "iteration": iteration}, f))
+    run_folder.write_durably(staging / str(iteration) / TRAINING_STATE_FILE,
+                             lambda f: torch.save(state.record(), f))
+    if state.ema is not None:
+        (staging / f"{iteration}-ema").mkdir()
+        ema_state = state.ema.state_dict(state.module)
+        run_folder.write_durably(staging / f"{iteration}-ema" / run_folder.MODEL_FILE,
+                                 lambda f: torch.save({"module": ema_state, "iteration": iteration}, f))
 
-    def _write_run_files(self) -> None:
-        config_file = self.run_dir / CONFIG_FILE
-        if self.resume is not None and config_file.is_file():
-            changed = config_changes(OmegaConf.load(config_file), self.cfg)
-            if changed:
-                logger.warning("resuming with settings that differ from the run's %s: %s", CONFIG_FILE,
-                               "; ".join(changed))
-        atomic_write_text(config_file, OmegaConf.to_yaml(self.cfg))
-        if self.metrics_path.exists():  # resumed: keep one consistent curve up to the checkpoint
-            lines = [line for line in self.metrics_path.read_text().splitlines()
-                     if line.strip() and json.loads(line)["step"] <= self.start_iteration]
-            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in lines))
-        from .engine import UNTRAINED_MARKER
-        load = self.cfg.args.load
-        if self.resume is None and load and (base_checkpoint(load) / UNTRAINED_MARKER).exists():
-            (self.run_dir / UNTRAINED_MARKER).write_text(
-                f"Fine-tuned from the random-weight checkpoint {load} - NOT a trained model.\n")
 
-    # -- SAT hooks -------------------------------------------------------------------------------
-    def make_loaders(self, args, create_dataset_function, collate_fn=None):
-        """Replaces SAT's make_loaders: SAT's loader samples with replacement and cannot resume the
-        data position with one process (a plain BatchSampler has no ``start_iter``)."""
-        sampler = StepBatchSampler(len(self.dataset), self.micro_batch, self.rank, self.world_size,
-                                   self.cfg.args.seed, start_micro_batch=self.start_iteration * self.accumulation)
-        workers = self.cfg.args.num_workers
-        loader = DataLoader(EpochKeyed(self.dataset), batch_sampler=sampler, num_workers=workers,
-                            pin_memory=self.device.type == "cuda", collate_fn=collate_fn,
-                            prefetch_factor=2 if workers else None, persistent_workers=False)
-        args.do_train, args.do_valid, args.do_test = True, False, False
-        return loader, None, None
+def resume_point(run_dir: Path, shape: dict) -> tuple[int, Path]:
+    """(iteration, folder) of the run's ``latest`` checkpoint, after checking its files and that
+    it was trained with the same world size, micro-batch and accumulation."""
+    iteration = run_folder.latest_iteration(run_dir)
+    if iteration is None:
+        raise CheckpointError(f"cannot resume from {run_dir}: no 'latest' file (not a run folder "
+                              "of train_video.py, or no checkpoint was completed)")
+    folder = run_dir / str(iteration)
+    if not folder.is_dir():
+        raise CheckpointError(f"{run_dir / run_folder.LATEST} names iteration {iteration}, but {folder} "
+                              "does not exist")
+    ema = run_dir / f"{iteration}-ema"
+    run_folder.check_checkpoint_files([folder] + ([ema] if ema.is_dir() else []))
+    saved = run_folder.read_training_state(folder / TRAINING_STATE_FILE)
+    for key, value in shape.items():
+        if saved.get(key) != value:
+            raise CheckpointError(
+                f"cannot resume {run_dir} at iteration {iteration}: it was trained with {key} "
+                f"{saved.get(key)}, this run has {value} (the ZeRO optimizer partitions and the data "
+                f"order depend on it).  To continue from its weights with a fresh optimizer, start a "
+                f"new run with --load {run_dir}")
+    return iteration, folder
 
-    def setup_model_and_optimizer(self, original):
-        """Wraps SAT's setup (freeze, param groups, DeepSpeed engine) and restores a resumed run's
-        DeepSpeed state (ZeRO optimizer partitions, fp32 master weights) and iteration."""
-        def setup(args, model, config_params=None):
-            engine, optimizer = original(args, model, config_params)
-            self.engine = engine
-            if self.resume is not None:
-                # SAT's AnnealingLR reads each group's 'lr' as its scale: keep it across the load.
-                scales = [group["lr"] for group in optimizer.param_groups]
-                path, _ = engine.load_checkpoint(str(self.resume.folder), tag=DEEPSPEED_TAG,
-                                                 load_module_strict=False, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
-                if path is None:
-                    raise CheckpointError(f"DeepSpeed state missing in {self.resume.folder / DEEPSPEED_TAG}")
-                for group, scale in zip(optimizer.param_groups, scales):
-                    group["lr"] = scale
-                args.iteration = self.start_iteration
-            if self.cfg.args.ema_decay > 0 and self.rank == 0:
-                self.ema = EMA(self.module, self.cfg.args.ema_decay)
-                if self.resume is not None:
-                    ema_file = self.run_dir / f"{self.start_iteration}-ema" / MODEL_FILE
-                    saved = load_state_dict(ema_file)
-                    for name, tensor in self.ema.shadow.items():
-                        tensor.copy_(saved[name])
-            return engine, optimizer
-        return setup
 
-    def forward_step(self, data_iterator, model, args, timers):
-        """SAT's forward hook: one micro-batch -> loss."""
-        iteration = args.iteration
-        micro = self._micro[1] + 1 if self._micro[0] == iteration else 0
-        self._micro = (iteration, micro)
-        start = time.perf_counter()
-        batch = next(data_iterator)
-        data_s = time.perf_counter() - start
-        rng = StepRandom.for_step(self.cfg.args.seed, iteration, micro, self.rank, self.device)
-        inputs = self.preparer(batch, rng)
-        timing = self._step_timing
-        if self.device.type == "cuda":  # peak of the frozen preprocessing (RAFT, VAE encodes, T5)
-            timing["peak_prepare_gib"] = max(timing.get("peak_prepare_gib", 0.0), self._peak_gib())
-        start = time.perf_counter()
-        loss = model(inputs)
+def restore(state: TrainState, run_dir: Path, folder: Path) -> None:
+    """DeepSpeed's optimizer partitions and fp32 master weights, and the EMA, of a checkpoint."""
+    path, _ = state.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed state missing in {folder / DEEPSPEED_TAG}")
+    if state.ema is None:
+        return
+    ema_file = run_folder.model_file(run_dir, state.iteration, ema=True)
+    if not ema_file.is_file():
+        logger.warning("%s is missing (the run had no EMA): the EMA starts from the current weights", ema_file)
+        return
+    saved = load_state_dict(ema_file)
+    for name, tensor in state.ema.shadow.items():
+        tensor.copy_(saved[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-step records
+# ----------------------------------------------------------------------------------------------
+
+class StepClock:
+    """Seconds per phase of one step (GPU work synchronised first) and peak memory."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.start = self.mark = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def lap(self, name: str) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        timing["data_s"] = timing.get("data_s", 0.0) + data_s
-        for key, value in self.preparer.timing.items():
-            timing[key] = timing.get(key, 0.0) + value
-        timing["dit_forward_s"] = timing.get("dit_forward_s", 0.0) + time.perf_counter() - start
-        return loss, {}
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.mark
+        self.mark = now
 
-    def train_step(self, original):
-        """Wraps SAT's train_step: EMA update and one metrics.jsonl line per optimizer step."""
-        def step(data_iterator, model, optimizer, lr_scheduler, args, timers, **kwargs):
-            lr = optimizer.param_groups[0]["lr"]  # set by the scheduler for this step
-            self._step_timing = {}
-            before = {name: timers(name).elapsed(reset=False) for name in ("backward", "optimizer")}
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            start = time.perf_counter()
-            loss, skipped, metrics = original(data_iterator, model, optimizer, lr_scheduler, args, timers, **kwargs)
-            seconds = time.perf_counter() - start
-            if self.ema is not None and not skipped:
-                self.ema.update(self.module)
-            if self.rank == 0:
-                grad_norm = model.get_global_grad_norm()
-                record = {"step": args.iteration + 1, "loss": float(loss), "lr": lr,
-                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "seconds": round(seconds, 4),
-                          "samples_per_second": round(self.micro_batch * self.accumulation * self.world_size / seconds, 4),
-                          "skipped": int(skipped)}
-                record.update({k: round(v, 4) for k, v in self._step_timing.items()})
-                for name in ("backward", "optimizer"):
-                    record[f"{name}_s"] = round(timers(name).elapsed(reset=False) - before[name], 4)
-                if self.device.type == "cuda":
-                    record["peak_step_gib"] = round(self._peak_gib(), 3)
-                    record["reserved_gib"] = round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)
-                with open(self.metrics_path, "a") as file:
-                    file.write(json.dumps(record) + "\n")
-            return loss, skipped, metrics
-        return step
+    def add(self, timing: dict) -> None:
+        for name, value in timing.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
 
-    def _peak_gib(self) -> float:
+    def peak_gib(self) -> float:
         return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
 
-    def summary_writer(self, name, base="..", iteration=0):
-        """TensorBoard in <run>/tensorboard when args.tensorboard (SAT: always, under summary_dir)."""
-        if not self.cfg.args.tensorboard:
-            return None
-        from tensorboardX import SummaryWriter
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=iteration)
+    def record(self, samples: int) -> dict:
+        total = time.perf_counter() - self.start
+        record = {"seconds": round(total, 4), "samples_per_second": round(samples / total, 4)}
+        record.update({k: round(v, 4) for k, v in self.seconds.items()})
+        if self.device.type == "cuda":
+            record["peak_step_gib"] = self.peak_gib()
+            record["reserved_gib"] = round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)
+        return record
 
-    def save_checkpoint(self, iteration, model, optimizer, lr_scheduler, args):
-        """Replaces SAT's save: atomic (staging folder + renames, ``latest`` last), DiT-only model
-        file in the SAT layout, DeepSpeed's optimizer files next to it, EMA, keep-last-N."""
-        if iteration <= self.saved_iteration:  # SAT's final save right after an interval save
+
+class RunLog:
+    """Rank 0's outputs per step: metrics.jsonl, TensorBoard, the progress bar, a log line every
+    ``log_interval`` steps (averaged)."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, start: int, enabled: bool):
+        self.enabled, self.interval, self.total = enabled, cfg.args.log_interval, cfg.args.train_iters
+        self.metrics_path = run_dir / METRICS_FILE
+        self.losses: list[float] = []
+        self.writer = self.bar = None
+        if not enabled:
             return
-        run = self.run_dir
-        staging = run / f".incomplete-{iteration}"
-        folder = staging / str(iteration)
-        if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
-            folder.mkdir(parents=True)
-        _barrier()
-        model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state={"iteration": iteration},
-                              save_latest=False, exclude_frozen_parameters=True)
-        if self.rank == 0:
-            state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-            torch.save({"module": state, "iteration": iteration}, folder / MODEL_FILE)
-            torch.save({"iteration": iteration, "world_size": self.world_size, "micro_batch": self.micro_batch,
-                        "accumulation": self.accumulation, "seed": self.cfg.args.seed,
-                        "consumed_micro_batches_per_rank": iteration * self.accumulation},
-                       folder / TRAINING_STATE_FILE)
-            if self.ema is not None:
-                (staging / f"{iteration}-ema").mkdir()
-                torch.save({"module": self.ema.state_dict(self.module), "iteration": iteration},
-                           staging / f"{iteration}-ema" / MODEL_FILE)
-        _barrier()
-        if self.rank == 0:
-            for name in sorted(os.listdir(staging), key=lambda n: n.isdigit()):  # -ema first
-                target = run / name
-                if target.exists():  # from a run that died between these renames and `latest`
-                    shutil.rmtree(target)
-                os.replace(staging / name, target)
-            atomic_write_text(run / "latest", str(iteration))
-            staging.rmdir()
-            deleted = prune_checkpoints(run, self.cfg.args.keep_last_checkpoints)
-            logger.info("saved checkpoint %s%s", run / str(iteration),
-                        f" (deleted iterations {deleted})" if deleted else "")
-        _barrier()
-        self.saved_iteration = iteration
+        if cfg.args.tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start)
+        from tqdm import tqdm
+        self.bar = tqdm(total=self.total, initial=start, unit="step", desc="training", dynamic_ncols=True)
 
-    def sat_replacements(self) -> dict:
-        """Functions of ``sat.training.deepspeed_training`` replaced during ``training_main``."""
-        from sat.training import deepspeed_training as dt
-        return {
-            "make_loaders": self.make_loaders,
-            "setup_model_untrainable_params_and_optimizer":
-                self.setup_model_and_optimizer(dt.setup_model_untrainable_params_and_optimizer),
-            "get_learning_rate_scheduler": resumable_lr_scheduler(
-                dt.get_learning_rate_scheduler, self.cfg.args.auto_warmup_steps, self.cfg.args.auto_warmup_rate),
-            "train_step": self.train_step(dt.train_step),
-            "save_checkpoint": self.save_checkpoint,
-            "get_sample_writer": self.summary_writer,
-            # SAT logs ~150 of its own arguments at the start; the run's config is training_config.yaml.
-            "print_args": lambda args: None,
-        }
+    def step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as file:
+            file.write(f"{json.dumps(record)}\n")
+        step = record["step"]
+        if self.writer is not None:
+            for key in ("loss", "lr", "grad_norm", "seconds"):
+                if record.get(key) is not None:
+                    self.writer.add_scalar(f"Train/{key}", record[key], step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        self.losses.append(record["loss"])
+        if step % self.interval == 0 or step == self.total:
+            logger.info("step %d/%d: loss %.6f (mean of %d), lr %.3e, %.2f s/step", step, self.total,
+                        sum(self.losses) / len(self.losses), len(self.losses), record["lr"], record["seconds"])
+            self.losses = []
 
-    # -- run -------------------------------------------------------------------------------------
-    def run(self) -> Path:
-        """Train until ``args.train_iters``; returns the run folder."""
-        from sat.training import deepspeed_training as dt
-        if self.start_iteration >= self.cfg.args.train_iters:
-            logger.info("%s already reached iteration %d (args.train_iters)", self.run_dir, self.start_iteration)
-            return self.run_dir
-        log_file = None
-        loggers = [logging.getLogger()] + ([] if logging.getLogger("sat").propagate else [logging.getLogger("sat")])
-        if self.rank == 0:  # everything logged (ours and SAT's) also goes to <run>/train.log
-            log_file = logging.FileHandler(self.run_dir / "train.log")
-            log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            for log in loggers:
-                log.addHandler(log_file)
-        try:
-            logger.info("run folder %s", self.run_dir)
-            self.module.to(self.device)
-            with sat_compat.patch_module_attributes(dt, self.sat_replacements()):
-                dt.training_main(self.args, model_cls=self.module, forward_step_function=self.forward_step,
-                                 create_dataset_function=None)
-        finally:
-            if log_file is not None:
-                for log in loggers:
-                    log.removeHandler(log_file)
-                log_file.close()
-        return self.run_dir
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
-def run_training(cfg: DictConfig, build: Callable[[DictConfig, torch.device, torch.dtype], Components] = build_components,
-                 dataset=None) -> Path:
-    """Fine-tune as configured (``sat/train_video.py``): returns the run folder.
+@contextlib.contextmanager
+def log_to_file(path: Optional[Path]):
+    """Everything logged (ours, SAT's, DeepSpeed's) also goes to ``path`` (train.log) on rank 0."""
+    if path is None:
+        yield
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in ("sat", "DeepSpeed")
+                                       if not logging.getLogger(n).propagate]
+    for log in loggers:
+        log.addHandler(handler)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeHandler(handler)
+        handler.close()
 
-    ``build(cfg, device, dtype)`` makes the components once torch.distributed is up (default: the
-    real weights of the config); ``dataset`` replaces the SFT folders of ``args.train_data``.
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+def prepare_config(cfg: DictConfig) -> DictConfig:
+    """Checked copy of the config; ``args.checkpoint_activations`` (the official key) switches the
+    DiT's activation checkpointing."""
+    check_training_config(cfg)
+    cfg = copy.deepcopy(cfg)
+    cfg.model.network_config.params.transformer_args.checkpoint_activations = cfg.args.checkpoint_activations
+    return cfg
+
+
+def open_run_dir(cfg: DictConfig, rank: int) -> tuple[Path, bool]:
+    """(run folder, created now): ``args.resume``, or a new unique folder made by rank 0."""
+    if cfg.args.resume:
+        run_dir = Path(cfg.args.resume)
+        if not (run_dir / run_folder.LATEST).is_file():
+            raise CheckpointError(f"cannot resume from {run_dir}: no 'latest' file (not a run folder "
+                                  "of train_video.py, or no checkpoint was completed)")
+        return run_dir, False
+    created = run_folder.create_run_dir(cfg.args.save, cfg.args.experiment_name) if rank == 0 else None
+    return Path(_broadcast(str(created) if created else None)), True
+
+
+def write_run_files(cfg: DictConfig, run_dir: Path, start: int, resumed: bool) -> None:
+    """Rank 0: training_config.yaml (a resumed run warns about changed settings), metrics.jsonl cut
+    back to the checkpoint, the UNTRAINED marker of a run from random weights."""
+    config_file = run_dir / CONFIG_FILE
+    if resumed and config_file.is_file():
+        changed = config_changes(OmegaConf.load(config_file), cfg)
+        if changed:
+            logger.warning("resuming with settings that differ from the run's %s: %s", CONFIG_FILE,
+                           "; ".join(changed))
+    run_folder.write_text_durably(config_file, OmegaConf.to_yaml(cfg))
+    run_folder.truncate_metrics(run_dir / METRICS_FILE, start)
+    load = cfg.args.load
+    if not resumed and load and (base_checkpoint(load) / UNTRAINED_MARKER).exists():
+        (run_dir / UNTRAINED_MARKER).write_text(
+            f"Fine-tuned from the random-weight checkpoint {load} - NOT a trained model.\n")
+
+
+def data_loader(dataset, cfg: DictConfig, rank: int, world_size: int, micro_batch: int,
+                start_micro_batch: int, device: torch.device) -> Iterator[dict]:
+    """Endless micro-batches of this rank from micro-batch ``start_micro_batch`` on."""
+    sampler = StepBatchSampler(len(dataset), micro_batch, rank, world_size, cfg.args.seed,
+                               start_micro_batch=start_micro_batch)
+    workers = cfg.args.num_workers
+    return iter(DataLoader(EpochKeyed(dataset), batch_sampler=sampler, num_workers=workers,
+                           pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
+                           persistent_workers=False))
+
+
+def train(cfg: DictConfig, build: Callable[[DictConfig, torch.device, torch.dtype], Components] = build_components,
+          dataset=None) -> Path:
+    """Fine-tune as configured (``sat/train_video.py``) until ``args.train_iters``; returns the run folder.
+
+    ``build(cfg, device, dtype)`` makes the components once torch.distributed is up (default
+    :func:`build_components`: the real weights of the config); ``dataset`` replaces the SFT folders
+    of ``args.train_data``.
     """
-    trainer = Trainer(cfg)
-    trainer.setup(build(trainer.cfg, trainer.device, trainer.dtype), dataset)
-    return trainer.run()
+    cfg = prepare_config(cfg)
+    args = cfg.args
+    device = pick_device(args.device) if args.device else pick_device(None)
+    dtype = training_dtype(cfg, device)
+    ds_config = deepspeed_config(cfg, dtype)
+    micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    rank, world_size = start_processes(device, ds_config, cfg)
+    seed_everything(args.seed)
+    run_dir, created = open_run_dir(cfg, rank)
+    shape = {"world_size": world_size, "micro_batch": micro_batch, "accumulation": accumulation}
+    with _remove_on_failed_start(run_dir, created, rank) as started, \
+            log_to_file(run_dir / "train.log" if rank == 0 else None):
+        start, folder = resume_point(run_dir, shape) if args.resume else (0, None)
+        if start >= args.train_iters:
+            logger.info("%s already reached iteration %d (args.train_iters)", run_dir, start)
+            return run_dir
+        logger.info("run folder %s%s", run_dir, f", resuming at iteration {start}" if folder else "")
+
+        # -- model, loss, optimizer --------------------------------------------------------------
+        components = build(cfg, device, dtype)
+        if folder is not None:
+            load_dit_checkpoint(components.dit, folder)  # the whole DiT; DeepSpeed's state follows
+        denoiser = DiscreteDenoiser.from_config(cfg.model.denoiser_config)
+        loss_fn = VideoDiffusionLoss.from_config(cfg.model.loss_fn_config, denoiser, rank, world_size)
+        module = ToraTrainingModule(components.dit, loss_fn, cfg.model.trainable_modules)
+        module.disable_untrainable_params()
+        import deepspeed
+        engine, _, _, _ = deepspeed.initialize(model=module.to(device), model_parameters=decay_groups(module),
+                                               config=ds_config, dist_init_required=False)
+        state = TrainState(start, engine, module, EMA(module, args.ema_decay) if args.ema_decay > 0 and rank == 0
+                           else None, world_size, micro_batch, accumulation, args.seed)
+        if folder is not None:
+            restore(state, run_dir, folder)
+        preparer = BatchPreparer(cfg, components, device)
+        if dataset is None:
+            from .data import SFTDataset
+            dataset = SFTDataset(list(args.train_data), cfg.data.params, seed=args.seed)
+        batches = data_loader(dataset, cfg, rank, world_size, micro_batch, start * accumulation, device)
+        if rank == 0:
+            write_run_files(cfg, run_dir, start, resumed=folder is not None)
+        _barrier()
+        started()
+        base_lr = ds_config["optimizer"]["params"]["lr"]
+        log = RunLog(run_dir, cfg, start, enabled=rank == 0)
+        engine.train()
+        try:
+            # -- the loop ------------------------------------------------------------------------
+            while state.iteration < args.train_iters:
+                step = state.iteration  # 0-based: the RNG streams and data position of this step
+                lr = learning_rate(step + 1, base_lr, args)
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                clock = StepClock(device)
+                losses, skipped = [], 0
+                for micro in range(accumulation):
+                    batch = next(batches)
+                    clock.lap("data_s")
+                    inputs = preparer(batch, StepRandom.for_step(args.seed, step, micro, rank, device))
+                    clock.add(preparer.timing)
+                    if device.type == "cuda":  # peak of the frozen preprocessing (RAFT, VAE, T5)
+                        clock.seconds["peak_prepare_gib"] = max(clock.seconds.get("peak_prepare_gib", 0.0),
+                                                                clock.peak_gib())
+                    clock.mark = time.perf_counter()
+                    loss = engine(inputs)
+                    clock.lap("dit_forward_s")
+                    mean_loss = _mean_over_ranks(loss)
+                    if not torch.isfinite(mean_loss):  # the same on every rank: all skip together
+                        skipped += 1
+                        logger.warning("step %d, micro-batch %d: loss %s, no gradient from it", step + 1,
+                                       micro, float(mean_loss))
+                        if accumulation == 1:
+                            break  # no backward, no optimizer step (SAT's rule)
+                        loss = zero_gradient_loss(module)  # keeps DeepSpeed's accumulation in step
+                    else:
+                        losses.append(float(mean_loss))
+                    engine.backward(loss)
+                    clock.lap("backward_s")
+                    engine.step()  # at the accumulation boundary: average over ranks, clip, AdamW
+                    clock.lap("optimizer_s")
+                state.iteration += 1
+                if state.ema is not None and skipped < accumulation:
+                    state.ema.update(module)
+                grad_norm = engine.get_global_grad_norm() if skipped < accumulation else None
+                log.step({"step": state.iteration, "loss": sum(losses) / len(losses) if losses else float("nan"),
+                          "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                          **clock.record(micro_batch * accumulation * world_size), "skipped": skipped})
+                exiting = bool(args.exit_interval) and state.iteration % args.exit_interval == 0
+                finished = state.iteration >= args.train_iters
+                if state.iteration % args.save_interval == 0 or (finished and not exiting):
+                    save_checkpoint(state, run_dir, args.keep_last_checkpoints, rank, device)
+                if exiting:  # args.exit_interval: stop here (SAT: no final save)
+                    break
+        finally:
+            log.close()
+    return run_dir
+
+
+def zero_gradient_loss(module: nn.Module) -> Tensor:
+    """A loss whose gradient is exactly zero for every trainable parameter: the backward of a
+    micro-batch with a non-finite loss while accumulating (DeepSpeed counts micro-batches; a step
+    whose micro-batches are all non-finite then applies zero gradients)."""
+    return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
+
+
+@contextlib.contextmanager
+def _remove_on_failed_start(run_dir: Path, created: bool, rank: int):
+    """A run folder created by this run is deleted again when the run fails before its first step;
+    the body calls the yielded function once the loop is about to start."""
+    started = [False]
+    try:
+        yield lambda: started.__setitem__(0, True)
+    except BaseException:
+        if created and not started[0] and rank == 0:
+            run_folder.remove_unused_run_dir(run_dir)
+        raise
+
+
+run_training = train  # the name callers (scripts, tests) use

@@ -7,10 +7,12 @@ real RAFT (random weights).
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,12 @@ import pytest
 import torch
 from torch import nn
 
-from tora.checkpoint import MODEL_FILE, load_dit_checkpoint, load_state_dict
+from tora.checkpoint import MODEL_FILE, CheckpointError, load_dit_checkpoint, load_state_dict
 from tora.config import ConfigError, MotionFromVideoConfig, TrajectoryConfig, load_config
 from tora.engine import UNTRAINED_MARKER, build_dit
 from tora.tracking import dense_motion_flow, sample_keypoints
 from tora.trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
-from tora import training
+from tora import run_folder, training
 from tora.training import (StepBatchSampler, ToraTrainingModule, clip_flows, deepspeed_config,
                            motion_video_from_clip, step_seed)
 
@@ -320,8 +322,12 @@ RUN = ["args.train_iters=6", "args.save_interval=2", "args.keep_last_checkpoints
 
 @pytest.fixture(scope="module")
 def reference_run(micro, tmp_path_factory):
-    """6 uninterrupted steps, a checkpoint every 2, the last 2 kept, EMA on."""
-    return train(micro_cfg(micro, tmp_path_factory.mktemp("reference"), *RUN))
+    """6 uninterrupted steps, a checkpoint every 2, the last 2 kept, EMA on (umask 022)."""
+    umask = os.umask(0o022)
+    try:
+        return train(micro_cfg(micro, tmp_path_factory.mktemp("reference"), *RUN))
+    finally:
+        os.umask(umask)
 
 
 def test_run_writes_metrics_and_checkpoints_that_sampling_loads(reference_run, micro):
@@ -373,6 +379,8 @@ def test_crash_while_saving_keeps_the_last_checkpoint_and_resume_continues_the_c
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "latest").read_text() == "2" and not (run_dir / "4").exists()
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+    with open(run_dir / "metrics.jsonl", "a") as file:  # power loss while a line was written
+        file.write('{"step": 5, "loss": 0.2')
 
     resumed = train(micro_cfg(micro, tmp_path / "runs", *RUN, f"args.resume={run_dir}"))
     assert resumed == run_dir and not (run_dir / ".incomplete-4").exists()
@@ -436,11 +444,12 @@ def fixed_draw_loss(cfg, weights, data) -> float:
     return float(loss.mean())
 
 
-def test_image_to_video_sparse_stage_with_activation_checkpointing(micro, tmp_path):
+def test_image_to_video_sparse_stage_with_activation_checkpointing(micro, tmp_path, capsys):
     run_dir = train(micro_cfg(micro, tmp_path, *I2V, f"args.load={micro / 'i2v'}", "args.train_iters=2",
                               "args.checkpoint_activations=true", "motion_from_video.stage=sparse",
                               "args.tensorboard=true", "args.log_interval=1"))
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert re.search(r"training: 100%.*\| 2/2 ", capsys.readouterr().err)  # the progress bar (rank 0)
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     before, after = dit_state(micro / "i2v/1"), dit_state(run_dir / "2")
     assert any(not torch.equal(before[k], after[k]) for k in before if ".fuser_list." in k)
@@ -476,3 +485,143 @@ def test_benchmark_script_runs_tiny(capsys):
                                        "model.first_stage_config.params.decoder_config.params.ch_mult=[1,1,1,1]"])
     assert "step (s)" in table and "DiT forward (s)" in table and "VAE encodes (s)" in table
     assert capsys.readouterr().out.rstrip().endswith(table.splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing lost, nothing silent (issue 14): run folders, damaged files, full disks, permissions
+# ----------------------------------------------------------------------------------------------
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, reference_run):
+    """Two runs started in the same minute used to share <name>-MM-DD-HH-MM and overwrite each other."""
+    now = datetime(2026, 12, 1, 22, 5, 18)
+    first = run_folder.create_run_dir(tmp_path, "tiny", now)
+    second = run_folder.create_run_dir(tmp_path, "tiny", now)
+    assert (first.name, second.name) == ("tiny-12-01-22-05-18", "tiny-12-01-22-05-18-1")
+    (tmp_path / "tiny-12-01-22-05-18-2").mkdir()  # an existing folder is never reused
+    (tmp_path / "tiny-12-01-22-05-18-2/metrics.jsonl").write_text('{"step": 1}\n')
+    third = run_folder.create_run_dir(tmp_path, "tiny", now)
+    assert third.name == "tiny-12-01-22-05-18-3" and not any(third.iterdir())
+    assert re.fullmatch(r"tiny-\d\d-\d\d-\d\d-\d\d-\d\d", reference_run.name)
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_named(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    run_folder.truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n' and "dropped its last line 3" in caplog.text
+    path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}, line 2: not a JSON record")):
+        run_folder.read_metrics(path)
+
+
+def test_run_files_respect_the_umask(reference_run):
+    """Every checkpoint file and pointer used to be created 0600 (temporary file + rename)."""
+    files = ["latest", "metrics.jsonl", "training_config.yaml", f"6/{MODEL_FILE}", "6/training_state.pt",
+             f"6-ema/{MODEL_FILE}", "6/deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    modes = {name: oct((reference_run / name).stat().st_mode & 0o777) for name in files}
+    assert modes == {name: "0o644" for name in files}  # the fixture's umask 022
+
+
+def test_checkpoint_files_and_latest_are_fsynced_before_their_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    run_dir = tmp_path / "run"
+    staging = run_folder.staging_dir(run_dir, 2)
+    (staging / "2").mkdir(parents=True)
+    run_folder.write_durably(staging / "2" / MODEL_FILE, lambda f: torch.save({"module": {}}, f))
+    (staging / "2" / "optim.pt").write_bytes(b"written by DeepSpeed")
+    run_folder.commit_checkpoint(run_dir, 2, keep=0)
+    assert (run_dir / "latest").read_text() == "2" and (run_dir / "2" / MODEL_FILE).is_file()
+
+    def first(kind, predicate):
+        return next(i for i, (k, path) in enumerate(events) if k == kind and predicate(path))
+    assert first("fsync", lambda p: p.endswith(f"{MODEL_FILE}.tmp-{os.getpid()}")) < first(
+        "replace", lambda p: p.endswith(f"{MODEL_FILE}.tmp-{os.getpid()}"))
+    assert first("fsync", lambda p: p.endswith("optim.pt")) < first("replace", lambda p: p == str(staging / "2"))
+    assert first("fsync", lambda p: p.endswith(f".latest.tmp-{os.getpid()}")) < first(
+        "replace", lambda p: p.endswith(f".latest.tmp-{os.getpid()}"))
+
+
+@pytest.mark.parametrize("file", [MODEL_FILE, "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_checkpoint_on_resume_names_the_file(reference_run, micro, tmp_path, file, damage):
+    """A zero-byte checkpoint gave a raw EOFError, a truncated one "corrupted" naming no file."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference_run, run_dir)
+    target = run_dir / "6" / file
+    data = target.read_bytes()
+    target.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    message = "is empty (0 bytes)" if damage == "empty" else "is truncated or corrupted"
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {target} {message}")) as error:
+        train(micro_cfg(micro, tmp_path, *RUN, "args.train_iters=8", f"args.resume={run_dir}"))
+    assert "Other checkpoints of the run: [4]" in str(error.value)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MiB tmpfs (root only; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file until the file system holding ``folder`` is full."""
+    filler = folder / "filler"
+    with open(filler, "wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * 2**20)
+                file.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(micro, small_disk, monkeypatch):
+    """A full disk used to report "enforce fail at inline_container.cc:672" only."""
+    real_save = training.save_checkpoint
+
+    def save_on_a_full_disk(state, run_dir, *args):
+        if state.iteration == 4:
+            fill_disk(small_disk)
+        return real_save(state, run_dir, *args)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_on_a_full_disk)
+    cfg = micro_cfg(micro, small_disk / "runs", "args.train_iters=4", "args.save_interval=2")
+    with pytest.raises(CheckpointError, match=r"no space left on .*runs/tiny-[\d-]+/\.incomplete-4/4 while writing"):
+        train(cfg)
+    (run_dir,) = (small_disk / "runs").iterdir()
+    assert (run_dir / "latest").read_text() == "2" and not (run_dir / ".incomplete-4").exists()
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["2"]
+    load_dit_checkpoint(build_dit(cfg, None, torch.device("cpu"), torch.float32), run_dir)  # intact
+    (small_disk / "filler").unlink()  # space freed: the run resumes from 2
+    monkeypatch.undo()
+    assert train(micro_cfg(micro, small_disk / "runs", "args.train_iters=4", "args.save_interval=2",
+                           f"args.resume={run_dir}")) == run_dir
+    assert (run_dir / "latest").read_text() == "4" and [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_failed_start_leaves_no_run_folder(micro, tmp_path):
+    def broken_build(cfg, device, dtype):
+        raise CheckpointError("no weights here")
+    with pytest.raises(CheckpointError, match="no weights here"):
+        train(micro_cfg(micro, tmp_path / "runs"), build=broken_build)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_logs_are_quiet_and_name_the_steps(reference_run):
+    log = (reference_run / "train.log").read_text()
+    assert "step 3/6: loss" in log and "step 6/6: loss" in log and "saved checkpoint" in log
+    noisy = [line for line in log.splitlines() if re.search(r" (INFO|DEBUG) (sat|DeepSpeed)\b", line)]
+    assert not noisy, noisy[:5]

@@ -787,8 +787,12 @@ def log_to_file(path: Optional[Path]):
         return
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in ("sat", "DeepSpeed")
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in sat_compat.THIRD_PARTY_LOGGERS
                                        if not logging.getLogger(n).propagate]
+    project = logging.getLogger(__name__.partition(".")[0])  # "tora": its INFO lines belong in the file
+    level = project.level
+    if project.getEffectiveLevel() > logging.INFO:
+        project.setLevel(logging.INFO)
     for log in loggers:
         log.addHandler(handler)
     try:
@@ -797,6 +801,7 @@ def log_to_file(path: Optional[Path]):
         for log in loggers:
             log.removeHandler(handler)
         handler.close()
+        project.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------

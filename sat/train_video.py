@@ -50,8 +50,7 @@ def parse_args(argv=None):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("sat").propagate = False  # SAT logs through its own handler
-    sat_compat.name_accelerator()  # before SAT (and so DeepSpeed) is first imported
-    sat_compat.quiet_logs()
+    sat_compat.before_import()  # SAT (and with it DeepSpeed) is first imported below
     options = parse_args(argv)
     flags = {k: v for k, v in vars(options).items() if k not in ("base", "overrides") and v is not None}
     log = logging.getLogger("train_video")

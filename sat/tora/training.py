@@ -539,6 +539,7 @@ def start_processes(device: torch.device, ds_config: dict, cfg: DictConfig) -> t
     """torch.distributed (NCCL on GPU, gloo on CPU) + DeepSpeed's communication + SAT's
     model-parallel state (size 1) and activation checkpointing; returns (rank, world size)."""
     sat_compat.prepare_process()
+    sat_compat.quiet_logs()
     import deepspeed
     from .runtime import init_distributed
     if device.type == "cuda":
@@ -548,7 +549,6 @@ def start_processes(device: torch.device, ds_config: dict, cfg: DictConfig) -> t
     init_distributed()  # SAT's model-parallel state, which the DiT's SAT layers read
     sat_compat.configure_activation_checkpointing(ds_config, cfg.model.network_config.params.num_layers,
                                                   cfg.args.seed)
-    sat_compat.quiet_logs()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -752,7 +752,10 @@ class RunLog:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start)
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
         self.bar = tqdm(total=self.total, initial=start, unit="step", desc="training", dynamic_ncols=True)
+        self.redirect = logging_redirect_tqdm()  # log lines above the bar, not through it
+        self.redirect.__enter__()
 
     def step(self, record: dict) -> None:
         if not self.enabled:
@@ -776,6 +779,7 @@ class RunLog:
         if self.writer is not None:
             self.writer.close()
         if self.bar is not None:
+            self.redirect.__exit__(None, None, None)
             self.bar.close()
 
 

@@ -861,6 +861,64 @@ def data_loader(dataset, cfg: DictConfig, rank: int, world_size: int, micro_batc
                            persistent_workers=False))
 
 
+@dataclass
+class Run:
+    """Where a run happens: its processes, folder and fixed settings (nothing here changes per step)."""
+    cfg: DictConfig
+    device: torch.device
+    dtype: torch.dtype
+    ds_config: dict
+    rank: int
+    world_size: int
+    run_dir: Path
+    created: bool  # the folder was made by this run (removed again if the start fails)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.ds_config["train_micro_batch_size_per_gpu"]
+
+    @property
+    def accumulation(self) -> int:
+        return self.ds_config["gradient_accumulation_steps"]
+
+    @property
+    def base_lr(self) -> float:
+        return self.ds_config["optimizer"]["params"]["lr"]
+
+
+def start_run(cfg: DictConfig) -> Run:
+    """Checked config, device and dtype, DeepSpeed config, processes, run folder."""
+    cfg = prepare_config(cfg)
+    device = pick_device(cfg.args.device) if cfg.args.device else pick_device(None)
+    dtype = training_dtype(cfg, device)
+    ds_config = deepspeed_config(cfg, dtype)
+    rank, world_size = start_processes(device, ds_config, cfg)
+    seed_everything(cfg.args.seed)
+    run_dir, created = open_run_dir(cfg, rank)
+    return Run(cfg, device, dtype, ds_config, rank, world_size, run_dir, created)
+
+
+def build_state(run: Run, build: Callable, start: int, folder: Optional[Path]) -> tuple[TrainState, BatchPreparer]:
+    """Components, the loss module, the DeepSpeed engine on the official decay groups, and the
+    state of checkpoint ``folder`` when resuming."""
+    cfg, rank, device = run.cfg, run.rank, run.device
+    components = build(cfg, device, run.dtype)
+    if folder is not None:
+        load_dit_checkpoint(components.dit, folder)  # the whole DiT; DeepSpeed's state follows
+    denoiser = DiscreteDenoiser.from_config(cfg.model.denoiser_config)
+    loss_fn = VideoDiffusionLoss.from_config(cfg.model.loss_fn_config, denoiser, rank, run.world_size)
+    module = ToraTrainingModule(components.dit, loss_fn, cfg.model.trainable_modules)
+    module.disable_untrainable_params()
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=module.to(device), model_parameters=decay_groups(module),
+                                           config=run.ds_config, dist_init_required=False)
+    ema = EMA(module, cfg.args.ema_decay) if cfg.args.ema_decay > 0 and rank == 0 else None
+    state = TrainState(start, engine, module, ema, run.world_size, run.micro_batch, run.accumulation, cfg.args.seed)
+    if folder is not None:
+        restore(state, run.run_dir, folder)
+    return state, BatchPreparer(cfg, components, device)
+
+
 def train(cfg: DictConfig, build: Callable[[DictConfig, torch.device, torch.dtype], Components] = build_components,
           dataset=None) -> Path:
     """Fine-tune as configured (``sat/train_video.py``) until ``args.train_iters``; returns the run folder.
@@ -869,101 +927,83 @@ def train(cfg: DictConfig, build: Callable[[DictConfig, torch.device, torch.dtyp
     :func:`build_components`: the real weights of the config); ``dataset`` replaces the SFT folders
     of ``args.train_data``.
     """
-    cfg = prepare_config(cfg)
-    args = cfg.args
-    device = pick_device(args.device) if args.device else pick_device(None)
-    dtype = training_dtype(cfg, device)
-    ds_config = deepspeed_config(cfg, dtype)
-    micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-    rank, world_size = start_processes(device, ds_config, cfg)
-    seed_everything(args.seed)
-    run_dir, created = open_run_dir(cfg, rank)
-    shape = {"world_size": world_size, "micro_batch": micro_batch, "accumulation": accumulation}
-    with _remove_on_failed_start(run_dir, created, rank) as started, \
+    run = start_run(cfg)
+    cfg, args, rank, run_dir = run.cfg, run.cfg.args, run.rank, run.run_dir
+    shape = {"world_size": run.world_size, "micro_batch": run.micro_batch, "accumulation": run.accumulation}
+    with _remove_on_failed_start(run_dir, run.created, rank) as started, \
             log_to_file(run_dir / "train.log" if rank == 0 else None):
         start, folder = resume_point(run_dir, shape) if args.resume else (0, None)
         if start >= args.train_iters:
             logger.info("%s already reached iteration %d (args.train_iters)", run_dir, start)
             return run_dir
         logger.info("run folder %s%s", run_dir, f", resuming at iteration {start}" if folder else "")
-
-        # -- model, loss, optimizer --------------------------------------------------------------
-        components = build(cfg, device, dtype)
-        if folder is not None:
-            load_dit_checkpoint(components.dit, folder)  # the whole DiT; DeepSpeed's state follows
-        denoiser = DiscreteDenoiser.from_config(cfg.model.denoiser_config)
-        loss_fn = VideoDiffusionLoss.from_config(cfg.model.loss_fn_config, denoiser, rank, world_size)
-        module = ToraTrainingModule(components.dit, loss_fn, cfg.model.trainable_modules)
-        module.disable_untrainable_params()
-        import deepspeed
-        engine, _, _, _ = deepspeed.initialize(model=module.to(device), model_parameters=decay_groups(module),
-                                               config=ds_config, dist_init_required=False)
-        state = TrainState(start, engine, module, EMA(module, args.ema_decay) if args.ema_decay > 0 and rank == 0
-                           else None, world_size, micro_batch, accumulation, args.seed)
-        if folder is not None:
-            restore(state, run_dir, folder)
-        preparer = BatchPreparer(cfg, components, device)
+        state, preparer = build_state(run, build, start, folder)
         if dataset is None:
             from .data import SFTDataset
             dataset = SFTDataset(list(args.train_data), cfg.data.params, seed=args.seed)
-        batches = data_loader(dataset, cfg, rank, world_size, micro_batch, start * accumulation, device)
+        batches = data_loader(dataset, cfg, rank, run.world_size, run.micro_batch, start * run.accumulation,
+                              run.device)
         if rank == 0:
             write_run_files(cfg, run_dir, start, resumed=folder is not None)
         _barrier()
         started()
-        base_lr = ds_config["optimizer"]["params"]["lr"]
         log = RunLog(run_dir, cfg, start, enabled=rank == 0)
-        engine.train()
+        state.engine.train()
         try:
-            # -- the loop ------------------------------------------------------------------------
             while state.iteration < args.train_iters:
-                step = state.iteration  # 0-based: the RNG streams and data position of this step
-                lr = learning_rate(step + 1, base_lr, args)
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = lr
-                clock = StepClock(device)
-                losses, skipped = [], 0
-                for micro in range(accumulation):
-                    batch = next(batches)
-                    clock.lap("data_s")
-                    inputs = preparer(batch, StepRandom.for_step(args.seed, step, micro, rank, device))
-                    clock.add(preparer.timing)
-                    if device.type == "cuda":  # peak of the frozen preprocessing (RAFT, VAE, T5)
-                        clock.seconds["peak_prepare_gib"] = max(clock.seconds.get("peak_prepare_gib", 0.0),
-                                                                clock.peak_gib())
-                    clock.mark = time.perf_counter()
-                    loss = engine(inputs)
-                    clock.lap("dit_forward_s")
-                    mean_loss = _mean_over_ranks(loss)
-                    if not torch.isfinite(mean_loss):  # the same on every rank: all skip together
-                        skipped += 1
-                        logger.warning("step %d, micro-batch %d: loss %s, no gradient from it", step + 1,
-                                       micro, float(mean_loss))
-                        if accumulation == 1:
-                            break  # no backward, no optimizer step (SAT's rule)
-                        loss = zero_gradient_loss(module)  # keeps DeepSpeed's accumulation in step
-                    else:
-                        losses.append(float(mean_loss))
-                    engine.backward(loss)
-                    clock.lap("backward_s")
-                    engine.step()  # at the accumulation boundary: average over ranks, clip, AdamW
-                    clock.lap("optimizer_s")
-                state.iteration += 1
-                if state.ema is not None and skipped < accumulation:
-                    state.ema.update(module)
-                grad_norm = engine.get_global_grad_norm() if skipped < accumulation else None
-                log.step({"step": state.iteration, "loss": sum(losses) / len(losses) if losses else float("nan"),
-                          "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                          **clock.record(micro_batch * accumulation * world_size), "skipped": skipped})
+                lr = learning_rate(state.iteration + 1, run.base_lr, args)
+                record = train_step(state, run, batches, preparer, lr)
+                log.step(record)
                 exiting = bool(args.exit_interval) and state.iteration % args.exit_interval == 0
                 finished = state.iteration >= args.train_iters
                 if state.iteration % args.save_interval == 0 or (finished and not exiting):
-                    save_checkpoint(state, run_dir, args.keep_last_checkpoints, rank, device)
+                    save_checkpoint(state, run_dir, args.keep_last_checkpoints, rank, run.device)
                 if exiting:  # args.exit_interval: stop here (SAT: no final save)
                     break
         finally:
             log.close()
     return run_dir
+
+
+def train_step(state: TrainState, run: Run, batches: Iterator[dict], preparer: BatchPreparer, lr: float) -> dict:
+    """One optimizer step of ``accumulation`` micro-batches; advances ``state``; returns its
+    metrics.jsonl record."""
+    step, engine, device = state.iteration, state.engine, run.device  # step: 0-based (RNG, data)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    clock = StepClock(device)
+    losses, skipped = [], 0
+    for micro in range(state.accumulation):
+        batch = next(batches)
+        clock.lap("data_s")
+        inputs = preparer(batch, StepRandom.for_step(state.seed, step, micro, run.rank, device))
+        clock.add(preparer.timing)
+        if device.type == "cuda":  # peak of the frozen preprocessing (RAFT, VAE, T5)
+            clock.seconds["peak_prepare_gib"] = max(clock.seconds.get("peak_prepare_gib", 0.0), clock.peak_gib())
+        clock.mark = time.perf_counter()
+        loss = engine(inputs)
+        clock.lap("dit_forward_s")
+        mean_loss = _mean_over_ranks(loss)
+        if not torch.isfinite(mean_loss):  # the same on every rank: all skip together
+            skipped += 1
+            logger.warning("step %d, micro-batch %d: loss %s, no gradient from it", step + 1, micro, float(mean_loss))
+            if state.accumulation == 1:
+                break  # no backward, no optimizer step (SAT's rule)
+            loss = zero_gradient_loss(state.module)  # keeps DeepSpeed's accumulation in step
+        else:
+            losses.append(float(mean_loss))
+        engine.backward(loss)
+        clock.lap("backward_s")
+        engine.step()  # at the accumulation boundary: average over ranks, clip, AdamW
+        clock.lap("optimizer_s")
+    state.iteration += 1
+    updated = skipped < state.accumulation
+    if state.ema is not None and updated:
+        state.ema.update(state.module)
+    grad_norm = engine.get_global_grad_norm() if updated else None
+    return {"step": state.iteration, "loss": sum(losses) / len(losses) if losses else float("nan"), "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            **clock.record(state.micro_batch * state.accumulation * run.world_size), "skipped": skipped}
 
 
 def zero_gradient_loss(module: nn.Module) -> Tensor:

@@ -7,9 +7,9 @@
     # stage 2: 1-16 sparse trajectories, from the stage-1 run
     torchrun --standalone --nproc_per_node=8 sat/train_video.py \\
         --base configs/tora/model/cogvideox_5b_tora.yaml configs/tora/train_dense.yaml \\
-               configs/tora/train_sparse.yaml --load outputs/train/tora-dense-MM-DD-HH-MM
+               configs/tora/train_sparse.yaml --load outputs/train/tora-dense-MM-DD-HH-MM-SS
     # continue a run that stopped (same number of GPUs)
-    torchrun ... sat/train_video.py --base <the same files> --resume outputs/train/tora-dense-MM-DD-HH-MM
+    torchrun ... sat/train_video.py --base <the same files> --resume outputs/train/tora-dense-MM-DD-HH-MM-SS
 
 Without torchrun it runs as one process (on the CPU with gloo and fp32 when there is no GPU).
 Every flag sets the config key args.<flag>; trailing key=value pairs override any config key, e.g.

@@ -70,6 +70,15 @@ def configure_activation_checkpointing(ds_config: dict, num_layers: int, seed: i
     mpu.model_parallel_cuda_manual_seed(seed)  # a no-op without CUDA
 
 
+def cuda_flags_as_sat() -> None:
+    """The cuDNN/TF32 flags SAT's start-up (``set_random_seed``) set for training on a GPU: the
+    measured training step times (docs/PERFORMANCE.md) were taken with them."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.enabled = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def quiet_logs(level: int = logging.WARNING) -> None:
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(level)

@@ -544,6 +544,7 @@ def start_processes(device: torch.device, ds_config: dict, cfg: DictConfig) -> t
     from .runtime import init_distributed
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        sat_compat.cuda_flags_as_sat()
     # Creates the process group, or adopts one that exists (a model built earlier in this process).
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
     init_distributed()  # SAT's model-parallel state, which the DiT's SAT layers read

@@ -84,7 +84,7 @@ def make_config(args, run_root: Path, raft_file: Path):
              CONFIGS / "train_dense.yaml"]
     if args.stage == "sparse":
         files.append(CONFIGS / "train_sparse.yaml")
-    overrides = [f"args.save={run_root}", "args.load=null", "args.experiment_name=bench",
+    overrides = [f"args.save={run_root}", "args.load=null", "args.from_scratch=true", "args.experiment_name=bench",
                  f"args.train_iters={args.steps}", f"args.exit_interval={args.steps}",
                  f"args.save_interval={args.steps + 1}", "args.num_workers=0",
                  "args.log_interval=1", f"motion_from_video.raft_weights={raft_file}"]

@@ -5,7 +5,8 @@
 #
 #     source scripts/device_env.sh || exit 1; <your command>
 #
-# and name `.whl` in the call's `carry` (and `.whl-ffmpeg` when the command writes mp4s).
+# and name `.device` (site.tar.xz, see scripts/fetch_device_wheels.sh --pack) or `.whl` (and
+# `.whl-ffmpeg` when the command writes mp4s) in the call's `carry`.
 #
 # The GPU machine has Python 3.12 with torch/torchvision/transformers/huggingface_hub/numpy/...
 # but no network and none of SwissArmyTransformer, deepspeed, diffusers, omegaconf, datasets,
@@ -49,6 +50,22 @@ TORA_PYTHON="${TORA_PYTHON:-python3}"
 export TORA_REPO TORA_SITE
 
 tora_env_setup() {
+    # Preferred: .device/site.tar.xz, the wheels already unpacked for Python 3.12 and xz-packed
+    # (about half the size of the wheels; scripts/fetch_device_wheels.sh --pack writes it).
+    local archive="$TORA_REPO/.device/site.tar.xz"
+    if [ -f "$archive" ]; then
+        local stamp_xz
+        stamp_xz="$(ls -l "$archive" | md5sum | cut -d' ' -f1)"
+        if [ "$(cat "$TORA_SITE/.tora_wheels" 2>/dev/null)" != "$stamp_xz" ]; then
+            rm -rf "$TORA_SITE" && mkdir -p "$TORA_SITE" && tar -C "$TORA_SITE" -xJf "$archive" || {
+                echo "device_env: FATAL: cannot unpack $archive into $TORA_SITE" >&2
+                return 1
+            }
+            echo "$stamp_xz" > "$TORA_SITE/.tora_wheels"
+        fi
+        tora_env_exports
+        return
+    fi
     local wheels=() d
     for d in "$TORA_WHEELS" "$TORA_REPO/.whl-ffmpeg"; do
         [ -d "$d" ] && wheels+=("$d"/*.whl)
@@ -68,7 +85,10 @@ tora_env_setup() {
         }
         echo "$stamp" > "$TORA_SITE/.tora_wheels"
     fi
+    tora_env_exports
+}
 
+tora_env_exports() {
     export PYTHONPATH="$TORA_SITE:$TORA_REPO/sat${PYTHONPATH:+:$PYTHONPATH}"
     export PATH="$TORA_SITE/bin:$PATH"
 

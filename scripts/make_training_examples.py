@@ -18,7 +18,6 @@ differences of at most 2 levels from the encoder, cause unknown.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -29,9 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))  # the `tora` package
 
-from tora.video_io import write_mp4  # noqa: E402
+from tora.moving_objects import Sprite, ground_truth, render_frames, write_clip  # noqa: E402
 
 HEIGHT, WIDTH = 240, 360
+SHAPES = ("disc", "square")  # the shapes these clips use (named in the ground truth's convention)
 # Pixel-centre coordinates [H, W]: pixel (row i, column j) has its centre at x = j, y = i.
 PIXEL_Y, PIXEL_X = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float64)
 
@@ -131,48 +131,14 @@ def background() -> np.ndarray:
     return gradient + texture[..., None]
 
 
-def coverage(obj: MovingObject, centre: tuple[float, float]) -> np.ndarray:
-    """Anti-aliased [H, W] coverage in [0, 1] of the object at a sub-pixel centre."""
-    dx, dy = PIXEL_X - centre[0], PIXEL_Y - centre[1]
-    if obj.shape == "disc":
-        return np.clip(obj.size + 0.5 - np.hypot(dx, dy), 0.0, 1.0)
-    inside_x = np.clip(obj.size + 0.5 - np.abs(dx), 0.0, 1.0)
-    inside_y = np.clip(obj.size + 0.5 - np.abs(dy), 0.0, 1.0)
-    return inside_x * inside_y
+def sprite(obj: MovingObject) -> Sprite:
+    return Sprite(obj.name, obj.shape, obj.size, obj.color)
 
 
-def shading(obj: MovingObject, centre: tuple[float, float]) -> np.ndarray:
-    """[H, W] brightness factor, 1 at the centre: lit from the top left, so that the object has
-    texture of its own."""
-    light = ((centre[0] - PIXEL_X) + (centre[1] - PIXEL_Y)) / (2.0 * obj.size)
-    return 1.0 + 0.25 * np.clip(light, -1.0, 1.0)
-
-
-def render(clip: ExampleClip) -> tuple[np.ndarray, dict[str, list[list[float]]]]:
-    """uint8 frames [F, H, W, 3] and each object's centres [[x, y]] per frame."""
-    base = background()
-    frames = np.empty((clip.num_frames, HEIGHT, WIDTH, 3), np.uint8)
-    centres = {obj.name: [] for obj in clip.objects}
-    for t in range(clip.num_frames):
-        u = t / (clip.num_frames - 1)
-        image = base.copy()
-        for obj in clip.objects:  # later objects are drawn on top
-            centre = obj.path(u)
-            centres[obj.name].append([round(centre[0], 3), round(centre[1], 3)])
-            alpha = coverage(obj, centre)[..., None]
-            colour = np.array(obj.color, np.float64) * shading(obj, centre)[..., None]
-            image = (1 - alpha) * image + alpha * colour
-        frames[t] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return frames, centres
-
-
-def ground_truth(clip: ExampleClip, centres: dict[str, list[list[float]]]) -> dict:
-    objects = [{"name": obj.name, "shape": obj.shape, "size": obj.size, "color": list(obj.color),
-                "centres": centres[obj.name]} for obj in clip.objects]
-    return {"fps": clip.fps, "num_frames": clip.num_frames, "height": HEIGHT, "width": WIDTH,
-            "convention": "centres: [x, y] per frame, x = column, y = row, pixel centres at "
-                          "integers; size: radius (disc) or half side (square), in pixels",
-            "objects": objects}
+def centres_of(clip: ExampleClip) -> np.ndarray:
+    """Each object's centre per frame [N, F, 2] (x, y), the frames spread evenly over the path."""
+    progress = [t / (clip.num_frames - 1) for t in range(clip.num_frames)]
+    return np.array([[obj.path(u) for u in progress] for obj in clip.objects], np.float64)
 
 
 def main() -> None:
@@ -182,11 +148,10 @@ def main() -> None:
     out = parser.parse_args().out
     (out / "labels").mkdir(parents=True, exist_ok=True)
     for clip in CLIPS:
-        frames, centres = render(clip)
-        video = out / "videos" / f"{clip.name}.mp4"
-        write_mp4(video, frames, clip.fps)
-        video.with_suffix(".json").write_text(json.dumps(ground_truth(clip, centres)) + "\n")
-        (out / "labels" / f"{clip.name}.txt").write_text(clip.caption + "\n")
+        sprites, centres = [sprite(obj) for obj in clip.objects], centres_of(clip)
+        frames = render_frames(background(), sprites, centres)
+        truth = ground_truth(clip.fps, HEIGHT, WIDTH, sprites, centres, shapes=SHAPES)
+        video = write_clip(out, clip.name, frames, clip.fps, clip.caption, truth)
         print(f"{video}: {clip.num_frames} frames at {clip.fps} fps")
 
 

@@ -330,6 +330,9 @@ class VAEParams:
     # 8 = diffusers' batching (less memory, different group-norm statistics).  A multiple of
     # temporal_compress_times.
     encode_chunk_frames: int = 0
+    # Videos per encoder call (official 1: one at a time).  Larger batches are faster for small
+    # models and give the same latents (the group norms are per sample); more memory.
+    encode_batch_size: int = 1
     # When the one-pass encode runs out of GPU memory, retry in chunks of this many frames (0: fail).
     encode_fallback_chunk_frames: int = 8
     # Spatial tiling of the encoder, in latent pixels (x8 video pixels), as for the decoder: a memory
@@ -405,8 +408,24 @@ class TrajectoryConfig:
 
 
 @dataclass
+class FarnebackConfig:
+    """OpenCV ``calcOpticalFlowFarneback`` settings (``motion_from_video.flow_estimator: farneback``)."""
+    pyr_scale: float = 0.5  # image scale between pyramid levels
+    levels: int = 3  # pyramid levels
+    winsize: int = 9  # averaging window (pixels): larger follows faster motion, blurs edges
+    iterations: int = 3  # iterations per level
+    poly_n: int = 5  # pixel neighbourhood of the polynomial expansion
+    poly_sigma: float = 1.1  # Gaussian sigma of that expansion (1.1 for poly_n 5)
+    threads: int = 8  # frame pairs computed in parallel
+
+
+@dataclass
 class MotionFromVideoConfig:
-    """Training motion from real videos: RAFT flow, dense or tracked sparse (see tora.tracking)."""
+    """Training motion from real videos: optical flow (RAFT, or Farneback without weights), dense or
+    tracked sparse (see tora.tracking)."""
+    # "raft" (official): torchvision RAFT with local weights; "farneback": OpenCV, no weights.
+    flow_estimator: str = "raft"
+    farneback: FarnebackConfig = field(default_factory=FarnebackConfig)
     # torchvision RAFT variant: "raft_large" (official) or "raft_small" (about 3x faster, coarser).
     raft_model: str = "raft_large"
     # Local RAFT state dict (official: Raft_Large_Weights.DEFAULT, downloaded at start); its URL is
@@ -416,7 +435,8 @@ class MotionFromVideoConfig:
     # Frame pairs per RAFT call: memory/speed only, eval-mode RAFT treats pairs independently
     # (official: max(B*F/20, 1) = 2).
     raft_batch_pairs: int = 2
-    # "dense" (official sample_flow false): every RAFT flow; "sparse": flow along tracked keypoints.
+    # "dense" (official sample_flow false): every flow; "sparse": flow along tracked keypoints;
+    # "none": no motion conditioning (the plain text-to-video base, stage 0 of a model from scratch).
     stage: str = "dense"
     grid_stride: int = 32  # one keypoint candidate per stride x stride cell (official 32)
     min_points: int = 1  # keypoints per clip drawn uniformly in [min_points, max_points] (official 1..16)
@@ -502,6 +522,11 @@ class ArgsConfig:
     experiment_name: str = "tora"  # run folder: <save>/<experiment_name>-MM-DD-HH-MM-SS[-k] (new, unique)
     save: str = "outputs/train"  # parent folder of the run folders
     resume: Optional[str] = None  # a run folder: continue it from its 'latest' checkpoint
+    # Train from the constructor's initialisation: then args.load must be null (and vice versa).
+    from_scratch: bool = False
+    # Load a text-to-video checkpoint (16 input channels) into an image-to-video model (32): the
+    # patch embedding's image-latent half starts at zero, so the I2V model starts as the T2V one.
+    expand_input_channels: bool = False
     train_iters: int = 15000  # optimizer steps
     train_data: List[str] = field(default_factory=lambda: ["training_examples"])  # SFT data folders
     num_workers: int = 8  # DataLoader worker processes per rank
@@ -604,7 +629,8 @@ CHOICES = {
     "trajectory.resample": ["official", "uniform"],
     "trajectory.blur_border": ["reflect101", "zeros"],
     "motion_from_video.raft_model": ["raft_large", "raft_small"],
-    "motion_from_video.stage": ["dense", "sparse"],
+    "motion_from_video.stage": ["dense", "sparse", "none"],
+    "motion_from_video.flow_estimator": ["raft", "farneback"],
     "motion_from_video.tracking": ["official", "subpixel"],
     "args.lr_decay_style": ["linear", "cosine", "exponential", "constant"],
 }

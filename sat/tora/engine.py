@@ -31,7 +31,7 @@ from . import acceleration
 from .diffusion import (DiscreteDenoiser, NoiseFn, VPSDEDPMPP2MSampler, conditioned_network, gaussian_noise)
 from .dit import DiffusionTransformer, use_compiled_kernels
 # The model factory lives in model_factory.py (shared with training); these names stay importable here.
-from .model_factory import UNTRAINED_MARKER, build_dit, randomize_  # noqa: F401
+from .model_factory import ABOUT_FILE, UNTRAINED_MARKER, build_dit, randomize_  # noqa: F401
 from .runtime import default_dtype, pick_device, rank_pairs
 from .text import GeneralConditioner, build_conditioner
 from .trajectory import draw_trajectories, load_motion_video

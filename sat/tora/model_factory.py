@@ -24,6 +24,7 @@ from .dit import DiffusionTransformer
 logger = logging.getLogger(__name__)
 
 UNTRAINED_MARKER = "UNTRAINED"  # file in a checkpoint folder whose weights are random (tiny demo/CI)
+ABOUT_FILE = "ABOUT"  # file in a checkpoint folder saying what a small trained model is (printed on load)
 # Parameters that the official base checkpoint (CogVideoX-5B) lacks: Tora's motion modules.
 MOTION_MODULE_KEYS = ("traj_extractor.", "mixins.adaln_layer.fuser_list.")
 
@@ -44,6 +45,8 @@ def build_dit(cfg: DictConfig, load: Optional[str], device: torch.device, dtype:
         if (Path(load) / UNTRAINED_MARKER).exists():
             logger.warning("the DiT checkpoint %s holds RANDOM, UNTRAINED weights (tiny demo model): "
                            "the video will not show real content", load)
+        elif (Path(load) / ABOUT_FILE).is_file():  # what a small project-trained model is
+            logger.warning("%s: %s", load, (Path(load) / ABOUT_FILE).read_text().strip())
     return dit.eval()
 
 
@@ -97,11 +100,35 @@ def base_checkpoint(path: str | os.PathLike) -> Path:
         raise
 
 
-def load_base_weights(dit: DiffusionTransformer, path: str | os.PathLike, seed: int = 0) -> int | None:
+def expand_patch_embedding_(state: dict, dit: DiffusionTransformer, file) -> None:
+    """A text-to-video state (patch embedding over 16 latent channels) for an image-to-video DiT
+    (32: noisy latent, then image latent): the image half of the input projection starts at zero,
+    so the I2V model computes the T2V function until it learns to use the image (the way CogVideoX's
+    I2V model was started from its T2V one).  ``state`` is changed in place."""
+    own = dit.state_dict()
+    for key, value in list(state.items()):
+        if key not in own or own[key].shape == value.shape or "patch_embed" not in key:
+            continue
+        target = own[key].shape
+        if value.dim() < 2 or value.shape[0] != target[0] or target[1] != 2 * value.shape[1]:
+            raise CheckpointError(f"{file}: {key} has shape {tuple(value.shape)}, which cannot be expanded "
+                                  f"to the model's {tuple(target)} (args.expand_input_channels)")
+        # input features are (channels, patch, patch)-major: the first half is the noisy latent
+        state[key] = torch.cat([value, torch.zeros_like(value)], dim=1)
+        logger.info("%s: %s expanded %s -> %s, image channels zero (args.expand_input_channels)",
+                    file, key, tuple(value.shape), tuple(target))
+
+
+def load_base_weights(dit: DiffusionTransformer, path: str | os.PathLike, seed: int = 0,
+                      expand_input_channels: bool = False) -> int | None:
     """Load ``args.load`` into the DiT: a Tora checkpoint (all keys), or the CogVideoX-5B SAT base,
     which lacks the motion modules - those get :func:`init_motion_modules_`.  Any other missing,
-    unexpected or mis-shaped key is an error.  Returns the checkpoint's iteration (or None)."""
+    unexpected or mis-shaped key is an error.  With ``expand_input_channels`` a text-to-video
+    checkpoint loads into an image-to-video DiT (:func:`expand_patch_embedding_`).  Returns the
+    checkpoint's iteration (or None)."""
     state, file, iteration = read_dit_state(base_checkpoint(path))
+    if expand_input_channels:
+        expand_patch_embedding_(state, dit, file)
     motion_keys = [k for k in dit.state_dict() if k.startswith(MOTION_MODULE_KEYS)]
     motion_missing = [k for k in motion_keys if k not in state]
     if motion_missing and len(motion_missing) == len(motion_keys):  # a base without Tora modules

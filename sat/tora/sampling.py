@@ -1,7 +1,8 @@
 """The sampling run behind ``sat/sample_video.py``: prompts in, videos out, split over ranks.
 
 Prompt files: one prompt per line (blank lines and lines starting with '#' are skipped); for
-image-to-video ``prompt@@image_name`` with the image looked up in ``args.img_dir``.  Prompt k (0-based,
+image-to-video ``prompt@@image_name`` with the image looked up in ``args.img_dir``.  Case files
+(``.jsonl``, :func:`read_case_file`) give each prompt its own trajectory files (and image).  Prompt k (0-based,
 counting prompts, not lines) goes to rank k mod world_size (with CFG parallel: to rank pair k mod
 world_size/2) and uses seed ``args.seed + k``, so a result does not depend on how many GPUs made it.
 
@@ -50,6 +51,7 @@ class PromptSpec:
     text: str
     image_path: Optional[Path] = None
     source: str = ""  # "file:line" for messages
+    point_paths: Optional[list[str]] = None  # this prompt's trajectory files (case files); None: --point_path
 
 
 def parse_prompt(line: str, index: int, source: str, image2video: bool, img_dir: Optional[Path]) -> PromptSpec:
@@ -75,6 +77,47 @@ def read_prompt_file(path: Path, image2video: bool, img_dir: Optional[Path]) -> 
             specs.append(parse_prompt(line, len(specs), f"{path}:{number}", image2video, img_dir))
     if not specs:
         raise PromptError(f"{path} holds no prompt (one prompt per line)")
+    return specs
+
+
+def read_case_file(path: Path, image2video: bool) -> list[PromptSpec]:
+    """A case file (``.jsonl``): one JSON object per line, each a prompt with its own trajectories,
+    ``{"prompt": "...", "point_path": ["a.txt", ...], "image": "first.png"}`` (``image`` for
+    image-to-video only; ``point_path`` may be empty).  Relative paths are relative to the file's
+    folder.  For evaluation sets and batches of different trajectories in one run."""
+    if not path.is_file():
+        raise PromptError(f"case file not found: {path}")
+    specs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        source = f"{path}:{number}"
+        try:
+            case = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptError(f"{source}: not a JSON object ({err.msg})") from None
+        if not isinstance(case, dict) or not isinstance(case.get("prompt"), str):
+            raise PromptError(f"{source}: each line needs a \"prompt\" string")
+        unknown = set(case) - {"prompt", "point_path", "image"}
+        if unknown:
+            raise PromptError(f"{source}: unknown field(s) {sorted(unknown)} (known: prompt, point_path, image)")
+        points = case.get("point_path", [])
+        if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
+            raise PromptError(f"{source}: \"point_path\" must be a list of file names")
+        points = [str(path.parent / p) for p in points]
+        for point_file in points:
+            if not Path(point_file).is_file():
+                raise PromptError(f"{source}: trajectory file not found: {point_file}")
+        image = None
+        if image2video:
+            if not isinstance(case.get("image"), str):
+                raise PromptError(f"{source}: image-to-video cases need an \"image\"")
+            image = path.parent / case["image"]
+            if not image.is_file():
+                raise PromptError(f"{source}: image not found: {image}")
+        specs.append(PromptSpec(len(specs), case["prompt"].strip(), image, source, points))
+    if not specs:
+        raise PromptError(f"{path} holds no case (one JSON object per line)")
     return specs
 
 
@@ -177,7 +220,9 @@ def run_sampling(cfg: DictConfig) -> list[Path]:
     if args.input_type == "txt" and not args.input_file:
         raise PromptError("no prompts: pass --input-file FILE (or --input-type cli)")
     img_dir = Path(args.img_dir) if args.img_dir else (Path(args.input_file).parent if args.input_file else None)
-    if args.input_type == "txt":
+    if args.input_type == "txt" and Path(args.input_file).suffix == ".jsonl":
+        specs = iter(read_case_file(Path(args.input_file), args.image2video))
+    elif args.input_type == "txt":
         specs = iter(read_prompt_file(Path(args.input_file), args.image2video, img_dir))
     else:
         specs = prompts_from_stdin(args.image2video, img_dir)
@@ -200,14 +245,15 @@ def run_sampling(cfg: DictConfig) -> list[Path]:
         if spec.index % workers != worker:
             continue
         seed = args.seed + spec.index
+        files = trajectory_files if spec.point_paths is None or args.no_flow_injection else spec.point_paths
         image = load_image(spec.image_path, engine.video_size_hw, args.image_resize) if spec.image_path else None
         logger.info("[rank %d] prompt %d (seed %d): %s", rank, spec.index, seed, spec.text)
         with tqdm(total=engine.sampler.num_steps, desc=f"prompt {spec.index}", disable=rank != 0,
                   leave=False) as bar:
-            generation = engine.generate(spec.text, trajectory_files, image=image, seed=seed,
+            generation = engine.generate(spec.text, files, image=image, seed=seed,
                                          num_frames=num_frames, progress=lambda _: bar.update())
         if writes:
-            path = writer.write(spec, seed, generation, trajectory_files)
+            path = writer.write(spec, seed, generation, files)
             logger.info("[rank %d] wrote %s", rank, path)
             written.append(path)
     return written

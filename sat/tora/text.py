@@ -210,8 +210,11 @@ TINY_T5_SENTENCES = (
 
 
 def write_tiny_t5(folder: str | os.PathLike, *, d_model: int = 32, num_layers: int = 2, num_heads: int = 4,
-                  d_ff: int = 64, vocab_size: int = 128, seed: int = 0) -> Path:
+                  d_ff: int = 64, vocab_size: int = 128, seed: int = 0, sentences=None) -> Path:
     """Write a tiny random T5 v1.1-style encoder + sentencepiece tokenizer; deterministic in ``seed``.
+
+    The tokenizer is trained on ``sentences`` (default: a few fixed English sentences), e.g. the
+    captions of a training set, so that their words are whole pieces.
 
     Same layout as the official folder (config.json, sharded safetensors with an index, spiece.model,
     tokenizer.json, tokenizer_config.json), so :meth:`FrozenT5Embedder.from_folder` reads it unchanged.
@@ -221,7 +224,8 @@ def write_tiny_t5(folder: str | os.PathLike, *, d_model: int = 32, num_layers: i
     spiece_model = io.BytesIO()
     # T5's sentencepiece conventions: pad 0, eos 1, unk 2, no bos.  One thread: deterministic.
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TINY_T5_SENTENCES * 20), model_writer=spiece_model, vocab_size=vocab_size,
+        sentence_iterator=iter(list(sentences or TINY_T5_SENTENCES) * 20), model_writer=spiece_model,
+        vocab_size=vocab_size,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
         num_threads=1, minloglevel=2)
     (folder / "spiece.model").write_bytes(spiece_model.getvalue())

@@ -12,6 +12,9 @@ or step by step:
     tracks = track_keypoints(flows, cfg, generator)     # [F, N, 2]     (stage "sparse")
     sparse = sparse_flow_from_tracks(tracks, H, W)      # [F, H, W, 2]
 
+Without weights, for evaluation and motion transfer: ``track_points_lk(frames, points)`` (OpenCV
+pyramidal Lucas-Kanade with a forward-backward check) -> tracks [F, N, 2], visible [F, N].
+
 One flow convention throughout, shared with the trajectory point files (spec 1.5): a motion flow has
 one frame per video frame; frame t+1 holds the motion from frame t to frame t+1 as (dx, dy) pixels,
 located at frame t's pixels; frame 0 is zero.  Points are (x, y) with x the column.
@@ -21,8 +24,12 @@ to ``tora.trajectory`` and are shared with inference.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -84,6 +91,39 @@ def raft_flows(raft: nn.Module, video: Tensor, cfg: MotionFromVideoConfig) -> Te
         estimates = raft(frames[start:stop], frames[start + 1:stop + 1], num_flow_updates=cfg.raft_iterations)
         flows.append(estimates[-1])
     return torch.cat(flows).permute(0, 2, 3, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight-free flow: OpenCV Farneback
+# ----------------------------------------------------------------------------------------------
+
+def _gray_frames(video: Tensor) -> np.ndarray:
+    """[F, 3, H, W] in [-1, 1] -> [F, H, W] uint8 grey frames (OpenCV's input)."""
+    rgb = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    rgb = rgb.permute(0, 2, 3, 1).numpy()
+    return np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in rgb])
+
+
+def farneback_flows(video: Tensor, cfg: MotionFromVideoConfig) -> Tensor:
+    """Optical flow between consecutive frames without learned weights (OpenCV's Farneback).
+
+    video: [F, 3, H, W] in [-1, 1].  Returns [F-1, H, W, 2] float32 (dx, dy) pixels on the CPU, the
+    convention of :func:`raft_flows`.  The frame pairs run in ``cfg.farneback.threads`` threads
+    (OpenCV releases the GIL).  For clips where RAFT's weights are not at hand, and for the
+    synthetic training clips, whose flat shapes it follows well.
+    """
+    if video.ndim != 4 or video.shape[1] != 3 or video.shape[0] < 2:
+        raise ValueError(f"expected a clip [F >= 2, 3, H, W], got {tuple(video.shape)}")
+    gray = _gray_frames(video)
+    fb = cfg.farneback
+
+    def pair_flow(t: int) -> np.ndarray:
+        return cv2.calcOpticalFlowFarneback(gray[t], gray[t + 1], None, fb.pyr_scale, fb.levels, fb.winsize,
+                                            fb.iterations, fb.poly_n, fb.poly_sigma, 0)
+
+    with ThreadPoolExecutor(max_workers=max(1, fb.threads)) as pool:
+        flows = list(pool.map(pair_flow, range(len(gray) - 1)))
+    return torch.from_numpy(np.stack(flows)).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,3 +269,69 @@ def video_motion_flow(video: Tensor, raft: nn.Module, cfg: MotionFromVideoConfig
         _, height, width, _ = flows.shape
         return sparse_flow_from_tracks(track_keypoints(flows, cfg, generator), height, width)
     raise ValueError(f"unknown motion_from_video.stage {cfg.stage!r}; choose 'dense' or 'sparse'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Point tracking without weights: pyramidal Lucas-Kanade (evaluation, motion transfer)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LKParams:
+    """OpenCV pyramidal Lucas-Kanade settings of ``track_points_lk``."""
+    window_size: int = 15  # px, the LK window (odd)
+    pyramid_levels: int = 3  # extra pyramid levels (motion up to ~window * 2^levels px per frame)
+    fb_threshold: float = 1.0  # px: largest forward-backward error of a visible point
+    max_iterations: int = 30
+    epsilon: float = 0.01  # px, the iteration stops below this update
+
+
+def track_points_lk(frames: np.ndarray, points: np.ndarray, *, params: LKParams = LKParams()
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Track points through a video with pyramidal Lucas-Kanade and a forward-backward check.
+
+    frames: uint8 [F, H, W, 3] RGB.  points: float [N, 2] (x, y) pixel positions in frame 0 (x the
+    column, pixel centres at integers).
+    Returns tracks float32 [F, N, 2] (x, y) per frame, tracks[0] = points, and visible bool [F, N].
+
+    Each step t -> t+1 tracks the still-visible points forward, then the result backward; a point
+    stays visible while both LK runs converge, the backward result lands within
+    ``params.fb_threshold`` px of where it started and the point stays inside the frame.  A point
+    that fails is lost for good: its position is frozen at the last visible one and ``visible``
+    is False from that frame on (frame 0: False for a point outside the frame).
+    """
+    frames, points = np.asarray(frames), np.asarray(points, np.float32)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3] RGB, got {frames.dtype} {list(frames.shape)}")
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"points must be [N, 2] (x, y), got {list(points.shape)}")
+    num_frames, height, width, _ = frames.shape
+    # All three channels (OpenCV's LK sums the per-channel terms): a red object on a grey
+    # background of the same luminance is invisible in a grey-level image.
+    images = [np.ascontiguousarray(frame) for frame in frames]
+    lk = dict(winSize=(params.window_size, params.window_size), maxLevel=params.pyramid_levels,
+              criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, params.max_iterations, params.epsilon))
+    tracks = np.empty((num_frames, len(points), 2), np.float32)
+    visible = np.zeros((num_frames, len(points)), bool)
+    tracks[0] = points
+    visible[0] = _inside(points, height, width)
+    for t in range(num_frames - 1):
+        tracks[t + 1], visible[t + 1] = tracks[t], False
+        alive = np.flatnonzero(visible[t])
+        if len(alive) == 0:
+            continue
+        start = tracks[t, alive].reshape(-1, 1, 2)
+        forward, ok_forward, _ = cv2.calcOpticalFlowPyrLK(images[t], images[t + 1], start, None, **lk)
+        backward, ok_backward, _ = cv2.calcOpticalFlowPyrLK(images[t + 1], images[t], forward, None, **lk)
+        forward = forward.reshape(-1, 2)
+        consistent = np.linalg.norm(backward.reshape(-1, 2) - start.reshape(-1, 2), axis=1) <= params.fb_threshold
+        good = ok_forward.ravel().astype(bool) & ok_backward.ravel().astype(bool) & consistent
+        good &= _inside(forward, height, width)
+        tracks[t + 1, alive[good]] = forward[good]
+        visible[t + 1, alive[good]] = True
+    return tracks, visible
+
+
+def _inside(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[N] bool: (x, y) within the frame's pixel centres [0, W-1] x [0, H-1]."""
+    return ((points[:, 0] >= 0) & (points[:, 0] <= width - 1) & (points[:, 1] >= 0)
+            & (points[:, 1] <= height - 1))

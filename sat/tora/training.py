@@ -57,10 +57,10 @@ from .diffusion import DiscreteDenoiser, VideoDiffusionLoss, conditioned_network
 from .dit import DiffusionTransformer
 # Model factory and base loading (shared with sampling); these names stay importable from here.
 from .model_factory import (MOTION_MODULE_KEYS, UNTRAINED_MARKER, base_checkpoint,  # noqa: F401
-                            init_motion_modules_, load_base_weights)
+                            expand_patch_embedding_, init_motion_modules_, load_base_weights)
 from .run_folder import CONFIG_FILE, DEEPSPEED_TAG, METRICS_FILE, TRAINING_STATE_FILE
 from .runtime import DTYPES, default_dtype, pick_device, seed_everything
-from .tracking import dense_motion_flow, raft_flows, track_keypoints
+from .tracking import dense_motion_flow, farneback_flows, raft_flows, track_keypoints
 from .trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
 
 logger = logging.getLogger(__name__)
@@ -103,13 +103,16 @@ class StepRandom:
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def clip_flows(raft: nn.Module, clip: Tensor, cfg) -> Tensor:
-    """RAFT flows [F-1, H, W, 2] of a clip [F, 3, H, W] in [-1, 1] (``tracking.raft_flows``).
+def clip_flows(raft: Optional[nn.Module], clip: Tensor, cfg) -> Tensor:
+    """Flows [F-1, H, W, 2] of a clip [F, 3, H, W] in [-1, 1]: ``tracking.raft_flows``, or
+    ``tracking.farneback_flows`` with ``motion_from_video.flow_estimator: farneback`` (no RAFT).
 
     Full-size clips go straight through (official).  Frames below RAFT's 128-pixel minimum, or not a
     multiple of 8 (tiny demo/CI models), are resized (bilinear) for the flow estimate only; the flow
     is resized back and its vectors rescaled to the clip's pixels.
     """
+    if cfg.flow_estimator == "farneback":
+        return farneback_flows(clip, cfg).to(clip.device)
     height, width = clip.shape[-2:]
     scale = max(1.0, RAFT_MIN_SIZE / min(height, width))
     size = tuple(math.ceil(s * scale / 8) * 8 for s in (height, width))
@@ -206,11 +209,13 @@ class BatchPreparer:
         self.timing = {}
         start = time.perf_counter()
         clips = batch["mp4"].to(self.device, non_blocking=True).float()
-        motion = torch.cat([motion_video_from_clip(clip, self.raft, self.cfg.motion_from_video,
-                                                   self.cfg.trajectory, rng.cpu) for clip in clips])
-        start = self._time("motion_s", start)
+        motion_latents = None  # stage "none": a plain text-to-video step
+        if self.cfg.motion_from_video.stage != "none":
+            motion = torch.cat([motion_video_from_clip(clip, self.raft, self.cfg.motion_from_video,
+                                                       self.cfg.trajectory, rng.cpu) for clip in clips])
+            start = self._time("motion_s", start)
+            motion_latents = self._encode(motion, rng.device)
         video = clips.permute(0, 2, 1, 3, 4)  # [B, 3, F, H, W]
-        motion_latents = self._encode(motion, rng.device)
         x0 = self._encode(video, rng.device)
         concat = self._image_concat(video, x0, rng) if self.i2v else None
         start = self._time("vae_s", start)
@@ -303,15 +308,16 @@ def build_components(cfg: DictConfig, device: torch.device, dtype: torch.dtype) 
     from .text import build_conditioner
     from .tracking import load_raft
     from .vae import load_vae
-    if not cfg.args.load and not cfg.args.resume:
-        raise ConfigError("args.load is null: name the starting weights with --load (stage 1: the "
-                          "CogVideoX-5B SAT transformer, stage 2: the stage-1 run folder)")
     dit = build_dit(cfg, None, device, dtype, seed=cfg.args.seed)
-    if cfg.args.load and not cfg.args.resume:  # resumed runs load their own checkpoint (Trainer.setup)
-        load_base_weights(dit, cfg.args.load, seed=cfg.args.seed)
+    if cfg.args.load and not cfg.args.resume:  # resumed runs load their own checkpoint (build_state)
+        load_base_weights(dit, cfg.args.load, seed=cfg.args.seed,
+                          expand_input_channels=cfg.args.expand_input_channels)
+    elif cfg.args.from_scratch and not cfg.args.resume:
+        logger.info("training from scratch (args.from_scratch): the DiT starts from its initialisation")
     vae = load_vae(cfg.model.first_stage_config.params).to(device, dtype).requires_grad_(False).eval()
     conditioner = build_conditioner(cfg.model.conditioner_config, device=device, dtype=dtype)
-    raft = load_raft(cfg.motion_from_video, device)
+    motion = cfg.motion_from_video
+    raft = load_raft(motion, device) if motion.stage != "none" and motion.flow_estimator == "raft" else None
     return Components(dit, vae, conditioner.requires_grad_(False).eval(), raft)
 
 
@@ -459,6 +465,13 @@ def check_training_config(cfg: DictConfig) -> None:
         fail("warmup", "must be in [0, 1] (a fraction of the decay length)")
     if a.model_parallel_size != 1:
         fail("model_parallel_size", "only 1 is supported")
+    if not a.resume and bool(a.load) == a.from_scratch:
+        if a.from_scratch:
+            fail("from_scratch", f"contradicts args.load = {a.load!r}: train from scratch or from weights, not both")
+        fail("load", "name the starting weights with --load (stage 1: the CogVideoX-5B SAT transformer, stage 2: "
+                     "the stage-1 run folder), or set args.from_scratch=true to start from the initialisation")
+    if a.expand_input_channels and not (a.load and cfg.model.noised_image_input):
+        fail("expand_input_channels", "needs args.load (a T2V checkpoint) and an I2V model (model.noised_image_input)")
     if a.valid_data:
         logger.warning("args.valid_data is ignored: there is no evaluation during training (official: off)")
     if cfg.model.noised_image_input != (cfg.model.network_config.params.in_channels == 32):

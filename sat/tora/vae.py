@@ -318,7 +318,8 @@ class VideoAutoencoder(nn.Module):
     def encode(self, video: torch.Tensor, chunk_frames: int | None = None) -> Posterior:
         """video [B, 3, f, H, W] in [-1, 1] -> posterior over latents [B, C, t, H/8, W/8].
 
-        One sample at a time; each sample's frames go through the encoder in one call (official) or in
+        ``encode_batch_size`` samples at a time (official: one); each sample's frames go through the
+        encoder in one call (official) or in
         chunks of ``chunk_frames`` (default ``encode_chunk_frames``) linked by the causal-conv cache.
         With ``encode_tile_latent_size`` set, larger videos are encoded in blended spatial tiles.
         """
@@ -331,7 +332,8 @@ class VideoAutoencoder(nn.Module):
             encode_one = functools.partial(_spatially_tiled, encode_one, tile=tile,
                                            overlap=self.params.encode_tile_overlap_latent,
                                            x_per_latent=s, out_per_latent=1)
-        moments = [encode_one(sample[None].to(self.dtype)) for sample in video]
+        step = max(1, self.params.encode_batch_size)
+        moments = [encode_one(video[i:i + step].to(self.dtype)) for i in range(0, len(video), step)]
         return Posterior(torch.cat(moments))
 
     @torch.no_grad()
@@ -348,6 +350,18 @@ class VideoAutoencoder(nn.Module):
         tile = self.params.decode_tile_latent_size
         decode_one = self._decode_tiled if tile and max(z.shape[-2:]) > tile else self._decode_untiled
         return torch.cat([decode_one(sample[None].to(self.dtype), spans) for sample in z])
+
+    def reconstruct(self, video: torch.Tensor, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, Posterior]:
+        """With autograd, for training the VAE: video [B, 3, f, H, W] in [-1, 1] -> (reconstruction
+        [B, 3, f, H, W], posterior).  The whole batch in one encoder call and one decoder call over
+        ``decode_chunk_latent_frames`` chunks (the chunking sampling decodes with); no tiling."""
+        _check_layout(video, self.autoencoder.config.in_channels, "video", "b c f h w")
+        posterior = Posterior(_causal_chunks(self.autoencoder.encoder, video.to(self.dtype),
+                                             [(0, video.shape[2])]))
+        z = posterior.sample(generator=generator)
+        spans = chunk_spans(z.shape[2], self.params.decode_chunk_latent_frames)
+        return _causal_chunks(self.autoencoder.decoder, z, spans), posterior
 
     def _decode_untiled(self, z: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
         return _causal_chunks(self.autoencoder.decoder, z, spans)

@@ -1,4 +1,4 @@
-"""Writing videos: the project's one mp4 writer (sampling outputs, example clips, tests)."""
+"""Video files: the project's one mp4 writer (sampling outputs, example clips, tests) and reader (evaluation)."""
 from __future__ import annotations
 
 import os
@@ -29,3 +29,15 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_mp4(path: str | Path) -> np.ndarray:
+    """Every frame of a video file -> uint8 RGB [F, H, W, 3] (imageio-ffmpeg)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    with imageio.get_reader(path, format="FFMPEG") as reader:
+        frames = [np.asarray(frame) for frame in reader]
+    if not frames:
+        raise ValueError(f"{path} holds no frame")
+    return np.stack(frames)

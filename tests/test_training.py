@@ -151,7 +151,7 @@ def test_sparse_stage_without_load_is_explained(caplog):
     with pytest.raises(SystemExit):
         train_video.main(["--base", str(CONFIGS / "model/cogvideox_5b_tora.yaml"), str(CONFIGS / "train_dense.yaml"),
                           str(CONFIGS / "train_sparse.yaml")])
-    assert "args.load is null: name the starting weights with --load" in caplog.text
+    assert "args.load = None: name the starting weights with --load" in caplog.text
 
 
 def test_deepspeed_config_follows_the_dtype_and_avoids_compiled_ops():
@@ -625,3 +625,21 @@ def test_logs_are_quiet_and_name_the_steps(reference_run):
     assert "step 3/6: loss" in log and "step 6/6: loss" in log and "saved checkpoint" in log
     noisy = [line for line in log.splitlines() if re.search(r" (INFO|DEBUG) (sat|DeepSpeed)\b", line)]
     assert not noisy, noisy[:5]
+
+
+def test_small_model_stages_from_scratch_then_farneback_motion_run_through_the_loop(micro, tmp_path):
+    """Stage 0 (from scratch, no motion, every base weight trainable), then a sparse motion stage with
+    the weight-free Farneback flow from its run folder, every weight trainable."""
+    base_only = r"model.trainable_modules=['^(?!traj_extractor\.|mixins\.adaln_layer\.fuser_list\.)']"
+    stage0 = train(micro_cfg(micro, tmp_path / "s0", "args.load=null", "args.from_scratch=true", base_only,
+                             "motion_from_video.stage=none", "args.train_iters=2", "args.save_interval=2"),
+                   build=training.build_components)
+    weights = dit_state(stage0 / "2")
+    assert [r["step"] for r in metrics(stage0)] == [1, 2] and not (stage0 / UNTRAINED_MARKER).exists()
+    cfg = micro_cfg(micro, tmp_path / "s1", f"args.load={stage0}", "model.trainable_modules=['.*']",
+                    "motion_from_video.stage=sparse", "motion_from_video.flow_estimator=farneback",
+                    "args.train_iters=2", "args.save_interval=2")
+    stage1 = train(cfg, build=training.build_components)
+    after = dit_state(stage1 / "2")
+    changed = {k for k in weights if not torch.equal(weights[k], after[k])}
+    assert any(".fuser_list." in k for k in changed) and any(".attention." in k for k in changed)

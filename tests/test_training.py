@@ -643,3 +643,11 @@ def test_small_model_stages_from_scratch_then_farneback_motion_run_through_the_l
     after = dit_state(stage1 / "2")
     changed = {k for k in weights if not torch.equal(weights[k], after[k])}
     assert any(".fuser_list." in k for k in changed) and any(".attention." in k for k in changed)
+
+
+def test_training_builds_models_without_the_sampling_engine():
+    code = ("import sys; import tora.training; from tora.training import build_components; "
+            "print(sorted(m for m in ('tora.engine', 'tora.sampling', 'tora.acceleration') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO / "sat")),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]

@@ -22,7 +22,7 @@ from torch import nn
 
 from tora.checkpoint import MODEL_FILE, CheckpointError, load_dit_checkpoint, load_state_dict
 from tora.config import ConfigError, MotionFromVideoConfig, TrajectoryConfig, load_config
-from tora.engine import UNTRAINED_MARKER, build_dit
+from tora.model_factory import UNTRAINED_MARKER, build_dit
 from tora.tracking import dense_motion_flow, sample_keypoints
 from tora.trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
 from tora import run_folder, training

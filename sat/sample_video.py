@@ -20,7 +20,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
-from tora.config import ConfigError, load_config, parse_cli  # noqa: E402
+from tora.config import load_config, parse_cli  # noqa: E402
+from tora.errors import ToraError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -69,7 +70,7 @@ def main(argv=None):
         cfg = load_config(options.base, options.overrides, extra={"args": given, "acceleration": speed})
         from tora.sampling import run_sampling
         run_sampling(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except ToraError as err:  # what the user can fix; anything else keeps its traceback
         logging.getLogger("sample_video").error("%s", err)
         sys.exit(1)
 

@@ -23,7 +23,8 @@ import warnings
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 from tora import sat_compat  # noqa: E402
-from tora.config import ConfigError, load_config, parse_cli  # noqa: E402
+from tora.config import load_config, parse_cli  # noqa: E402
+from tora.errors import ToraError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -58,7 +59,7 @@ def main(argv=None):
         cfg = load_config(options.base, options.overrides, extra={"args": flags})
         from tora.training import run_training
         run_dir = run_training(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except ToraError as err:  # what the user can fix; anything else keeps its traceback
         log.error("%s", err)
         sys.exit(1)
     log.info("done: %s (sample with: sat/sample_video.py --base <model.yaml> configs/tora/inference.yaml "

@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "sat"))  # the `tora` package
 
 from tora.errors import ToraError  # noqa: E402
-from tora.moving_objects import (GeneratorConfig, held_out_clip, random_clip, trajectory_clip,  # noqa: E402
-                                 trajectory_groups, write_held_out, write_random_clip)
+from tora.moving_objects import (GeneratorConfig, trajectory_clip, trajectory_groups, write_case,  # noqa: E402
+                                 write_held_out, write_random_clip)
 
 DEFAULT_CLIPS = {"train": 3000, "held_out": 64}
 
@@ -61,16 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _random_case(index: int, split: str, seed: int, cfg: GeneratorConfig, out: Path):
-    clip = held_out_clip(index, seed, cfg) if split == "held_out" else random_clip(split, seed, index, cfg)
-    write_random_clip(out, clip, cfg)
-    return clip if split == "held_out" else clip.name  # a training clip's arrays stay in the worker
-
-
 def make_clips(split: str, count: int, seed: int, cfg: GeneratorConfig, out: Path, workers: int) -> list:
     """Render and write ``count`` clips of a split with ``workers`` processes, in index order;
     returns the held-out ``ClipSpec``s (the held-out files need them) or the training clip names."""
-    job = partial(_random_case, split=split, seed=seed, cfg=cfg, out=out)
+    job = partial(write_case, split=split, seed=seed, cfg=cfg, out=out)
     if workers <= 1:
         return [job(index) for index in range(count)]
     with get_context("fork").Pool(workers) as pool:

@@ -73,9 +73,9 @@ class Recipe:
         self.data = self.work / "data"
         self.products = self.work / "products"
         self.work.mkdir(parents=True, exist_ok=True)
-        if args.carry_in and args.carry_in.is_dir():  # <stage>.tar files of copy_out
+        if args.carry_in and args.carry_in.is_dir():  # <stage>.tar files of copy_out (repo-relative)
             for archive in sorted(args.carry_in.glob("*.tar")):
-                subprocess.run(["tar", "-C", self.work, "-xf", archive], check=True)
+                subprocess.run(["tar", "-C", REPO, "-xf", archive], check=True)
                 print(f"carried in {archive.name}")
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -111,14 +111,18 @@ class Recipe:
             raise SystemExit(f"command failed ({proc.returncode}): {' '.join(str(c) for c in cmd)}")
         return True
 
-    def scale_factor(self) -> str:
-        report = json.loads((self.products / "vae" / "vae_report.json").read_text())
-        return f"model.scale_factor={report['scale_factor']:.4f}"
+    def product(self, stage: str) -> Path:
+        """Where a stage leaves its result: the VAE and T5 straight in the model folder (the paths
+        tora_small.yaml names), the DiT stages in <work>/products/<stage> (a --load folder)."""
+        return self.args.models / stage if stage in ("vae", "t5") else self.products / stage
 
     def common_overrides(self) -> list[str]:
-        return [f"model.first_stage_config.params.ckpt_path={self.products / 'vae' / '3d-vae.pt'}",
-                f"model.conditioner_config.params.emb_models.0.params.model_dir={self.products / 't5'}",
-                self.scale_factor()]
+        """The trained VAE and T5 (the config's own paths, unless --models moved them) and the VAE's
+        scale factor (written into tora_small.yaml by export)."""
+        report = json.loads((self.product("vae") / "vae_report.json").read_text())
+        return [f"model.first_stage_config.params.ckpt_path={self.product('vae') / '3d-vae.pt'}",
+                f"model.conditioner_config.params.emb_models.0.params.model_dir={self.product('t5')}",
+                f"model.scale_factor={report['scale_factor']:.4f}"]
 
     # -- stages ------------------------------------------------------------------------------
     def stage_data(self):
@@ -134,16 +138,17 @@ class Recipe:
         cfg = load_config([REPO / SMALL])
         captions = sorted({p.read_text().strip() for p in (self.data / "train" / "labels").glob("*.txt")})
         d_model = cfg.model.network_config.params.modules.patch_embed_config.params.text_hidden_size
-        write_tiny_t5(self.products / "t5", d_model=d_model, num_layers=2, num_heads=4, d_ff=128,
+        write_tiny_t5(self.product("t5"), d_model=d_model, num_layers=2, num_heads=4, d_ff=128,
                       vocab_size=200, seed=0, sentences=captions)
         return {"d_model": d_model, "captions": len(captions)}
 
     def stage_vae(self):
-        out = self.products / "vae" / "3d-vae.pt"
+        out = self.product("vae") / "3d-vae.pt"
         steps = 1 if self.args.smoke else self.args.vae_steps
         batch = 1 if self.args.smoke else 16
         self.run([PY, "scripts/train_vae.py", "--base", SMALL, "configs/tora/small/data.yaml",
                   "--data", self.data / "train", "--eval-data", self.data / "held_out", "--out", out,
+                  "--state", self.work / "vae_train_state.pt",
                   "--steps", steps, "--batch-size", batch, "--workers", min(8, self.args.workers),
                   "--max-minutes", self.args.minutes.get("vae", 0), *(["--eval-clips", 1] if self.args.smoke else [])])
         import torch  # the product in fp16: later stages only encode with it (half the bytes to carry)
@@ -191,7 +196,7 @@ class Recipe:
         ABOUT note the engine prints, and the VAE's scale factor written into tora_small.yaml."""
         import torch
         models = self.args.models
-        report = json.loads((self.products / "vae" / "vae_report.json").read_text())
+        report = json.loads((self.product("vae") / "vae_report.json").read_text())
         about = ABOUT.format(date=time.strftime("%Y-%m-%d"))
         sizes = {}
         for name, stage, dtype in [("t2v", "sparse", torch.bfloat16), ("i2v", "i2v", torch.bfloat16)]:
@@ -202,17 +207,13 @@ class Recipe:
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"module": state["module"]}, target)
             sizes[name] = target.stat().st_size
-        vae = torch.load(self.products / "vae" / "3d-vae.pt", map_location="cpu", weights_only=True)
-        vae["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in vae["state_dict"].items()}
-        (models / "vae").mkdir(parents=True, exist_ok=True)
-        torch.save(vae, models / "vae" / "3d-vae.pt")
-        shutil.copy(self.products / "vae" / "vae_report.json", models / "vae" / "vae_report.json")
-        sizes["vae"] = (models / "vae" / "3d-vae.pt").stat().st_size
-        shutil.rmtree(models / "t5", ignore_errors=True)
-        shutil.copytree(self.products / "t5", models / "t5")
+        sizes["vae"] = (models / "vae" / "3d-vae.pt").stat().st_size  # fp16 since the vae stage
+        sizes["t5"] = sum(p.stat().st_size for p in (models / "t5").iterdir())
         for name in ("t2v", "i2v", "vae", "t5"):
             (models / name / "ABOUT").write_text(about)
         config = REPO / SMALL
+        if self.args.smoke:  # a smoke run leaves the real model's config alone
+            return {"bytes": sizes, "scale_factor": round(report["scale_factor"], 4)}
         text = re.sub(r"^(  scale_factor: )\S+", rf"\g<1>{report['scale_factor']:.4f}", config.read_text(), count=1,
                       flags=re.M)
         config.write_text(text)
@@ -228,7 +229,8 @@ class Recipe:
             for motion in (True, False):
                 out = self.work / "eval" / (mode if motion else f"{mode}_nomotion")
                 cmd = [PY, "sat/sample_video.py", "--base", *models, "configs/tora/inference.yaml",
-                       "--load", self.args.models / load, "--input-file", held_out / cases, "--output-dir", out]
+                       "--load", self.args.models / load, "--input-file", held_out / cases, "--output-dir", out,
+                       *self.common_overrides()]
                 if mode == "i2v":
                     cmd.append("--image2video")
                 if not motion:
@@ -258,8 +260,9 @@ class Recipe:
         in); one file per stage, as a GPU call brings back at most a few files."""
         if not self.args.out or stage in ("export", "eval"):
             return
-        members = [self.done_file(stage).name] + ([f"products/{stage}"] if (self.products / stage).is_dir() else [])
-        subprocess.run(["tar", "-C", self.work, "-cf", self.args.out / f"{stage}.tar", *members], check=True)
+        members = [self.done_file(stage)] + ([self.product(stage)] if self.product(stage).is_dir() else [])
+        members = [str(m.resolve().relative_to(REPO)) for m in members]
+        subprocess.run(["tar", "-C", REPO, "-cf", self.args.out / f"{stage}.tar", *members], check=True)
 
 
 ABOUT = ("A SMALL model trained on synthetic moving shapes (discs, squares, triangles, stars on plain, textured "

@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="+", required=True, help="training clip folders (videos/, labels/)")
     p.add_argument("--eval-data", nargs="*", default=[], help="held-out clip folders for the PSNR report")
     p.add_argument("--out", type=Path, required=True, help="the 3d-vae.pt to write")
+    p.add_argument("--state", type=Path, default=None, help="optimizer state for resuming (default <out>.state.pt)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps in total (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine to 5 %%)")
@@ -105,7 +106,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     vae = VideoAutoencoder(cfg.model.first_stage_config.params).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    state_file = args.out.with_name(args.out.name + ".state.pt")
+    state_file = args.state or args.out.with_name(args.out.name + ".state.pt")
     step = 0
     if state_file.is_file() and args.out.is_file():  # resume
         vae.load_official(args.out)

@@ -116,3 +116,28 @@ def test_inputs_that_do_not_fit_are_explained(tiny_dit, shape, message):
 def test_shipped_configs_validate():
     for path in (REPO / "configs").rglob("*.yaml"):
         load_config([path])
+
+
+@pytest.mark.parametrize("padding", ["replicate", "zeros"])
+def test_fuser_temporal_padding_setting(padding):
+    """fuser.temporal_padding reaches the temporal convs: zeros drops the end frames' outer taps."""
+    from tora.dit import MotionGuidanceFuser
+    fuser = MotionGuidanceFuser(8, 32, num_groups=4, temporal_padding=padding)
+    torch.manual_seed(0)
+    for conv in (fuser.flow_gamma_temporal, fuser.flow_beta_temporal):
+        torch.nn.init.normal_(conv.weight)
+    frames, feature = 4, torch.randn(4, 8, 3, 3)  # [(B T), F, h, w] with B = 1
+    gamma, _ = fuser.modulation(feature, frames)  # [1, T*h*w, 32]
+    y = fuser.flow_gamma_spatial(feature)  # [T, 8, 3, 3]
+    seq = y.permute(2, 3, 1, 0).reshape(9, 8, frames)  # [(h w), D/4, T]
+    pad = seq[..., :1] if padding == "replicate" else torch.zeros_like(seq[..., :1])
+    padded = torch.cat([pad, seq, seq[..., -1:] if padding == "replicate" else pad], dim=-1)
+    expected = torch.nn.functional.conv1d(padded, fuser.flow_gamma_temporal.weight, fuser.flow_gamma_temporal.bias)
+    expected = expected.reshape(1, 3, 3, 32, frames).permute(0, 4, 1, 2, 3).reshape(1, frames * 9, 32)
+    torch.testing.assert_close(gamma, expected)
+
+
+def test_config_temporal_padding_builds_the_fusers():
+    params = network_params_from({**TINY, "fuser": {"num_groups": 8, "temporal_padding": "zeros"}})
+    model = DiffusionTransformer(params)
+    assert {f.flow_beta_temporal.padding_mode for f in model.mixins.adaln_layer.fuser_list} == {"zeros"}

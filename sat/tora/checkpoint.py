@@ -40,6 +40,10 @@ class CheckpointError(ToraError, RuntimeError):
     pass
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A weights file named by the config is missing (the message names the path and the key)."""
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
     """Return (model file, iteration or None) for any of the accepted layouts."""
     path = Path(path)

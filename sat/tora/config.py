@@ -3,20 +3,25 @@
 Configs are the interface of this project.  The schema below mirrors the official Tora/CogVideoX
 YAML layout (``model.network_config.params.*``, ``model.sampler_config.params.*`` ...) so the values of
 an existing official config carry over; every official quirk that used to be a hidden constant is a
-named setting whose default is the official value.
+named setting whose default is the official value (docs/OFFICIAL_QUIRKS.md lists them).
+
+One value, one place: the values the official YAML repeats are linked to their one place (LINKED,
+with the rule there); the official keys that do nothing here are accepted only as listed in IGNORED,
+each with the reason.
 
     cfg = load_config(["configs/tora/model/cogvideox_5b_tora.yaml", "configs/tora/inference.yaml"],
                       overrides=["model.sampler_config.params.num_steps=20"])
 
 Later files override earlier ones, overrides override files.  An unknown key, a value of the wrong
-type or an unknown ``target`` is a :class:`ConfigError` naming the key path and the file (or
-"command line") it came from.
+type, an unknown ``target`` or a disagreeing copy is a :class:`ConfigError` naming the key path and
+the file (or "command line") it came from.
 """
 from __future__ import annotations
 
+import logging
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -24,9 +29,33 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from .errors import ToraError
 
+logger = logging.getLogger(__name__)
+
 
 class ConfigError(ToraError, ValueError):
     """A configuration problem, with the key path and source in the message."""
+
+
+class Targeted:
+    """``Targeted[P]``: the official ``{target, params}`` node around the params dataclass ``P``.
+
+    ``target`` is optional; when given it must be one of TARGETS (an official class path or this
+    project's name).  One generated dataclass per ``P``, so OmegaConf validates ``params`` as ``P``.
+    """
+    _made: dict = {}
+
+    def __class_getitem__(cls, params_cls):
+        if params_cls not in cls._made:
+            node = make_dataclass(f"Targeted{params_cls.__name__}", [
+                ("target", Optional[str], None), ("params", params_cls, field(default_factory=params_cls))])
+            node.__module__ = __name__
+            cls._made[params_cls] = node
+        return cls._made[params_cls]
+
+
+def targeted(params_cls):
+    """The dataclass field of a ``Targeted[params_cls]`` node with the schema defaults."""
+    return field(default_factory=Targeted[params_cls])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -35,7 +64,7 @@ class ConfigError(ToraError, ValueError):
 
 @dataclass
 class TransformerArgs:
-    checkpoint_activations: bool = False
+    checkpoint_activations: bool = False  # a copy of args.checkpoint_activations (LINKED)
     vocab_size: int = 1
     max_sequence_length: int = 64  # size of SAT's (unused, but checkpointed) position table
     layernorm_order: str = "pre"
@@ -45,7 +74,7 @@ class TransformerArgs:
     # The official DiT asks for 1e-6, but SAT's own ``layernorm_epsilon`` (default 1e-5) overrides it
     # for input/post-attention/final layer norms; the released weights were trained with 1e-5.
     layernorm_epsilon: float = 1e-5
-    # Filled in by the official code at run time (present in dumped configs); must agree if given.
+    # Filled in by the official code at run time (present in dumped configs): copies (LINKED).
     num_layers: Optional[int] = None
     hidden_size: Optional[int] = None
     num_attention_heads: Optional[int] = None
@@ -56,27 +85,16 @@ class TransformerArgs:
 class PosEmbedParams:
     hidden_size_head: int = 64
     text_length: int = 226
-    # I2V checkpoints carry a learnable table; the official Tora code never adds it (spec 2.6).
+    # I2V checkpoints carry a learnable table; the official Tora code never adds it
+    # (OFFICIAL_QUIRKS.md#i2v-pos-table).
     learnable_pos_embed: bool = False
     add_learnable_pos_embed: bool = False  # True would follow THUDM's CogVideoX-I2V instead of Tora
     theta: float = 10000.0
 
 
 @dataclass
-class PosEmbedConfig:
-    target: Optional[str] = None
-    params: PosEmbedParams = field(default_factory=PosEmbedParams)
-
-
-@dataclass
 class PatchEmbedParams:
     text_hidden_size: int = 4096
-
-
-@dataclass
-class PatchEmbedConfig:
-    target: Optional[str] = None
-    params: PatchEmbedParams = field(default_factory=PatchEmbedParams)
 
 
 @dataclass
@@ -86,28 +104,16 @@ class AdaLNParams:
 
 
 @dataclass
-class AdaLNConfig:
-    target: Optional[str] = None
-    params: AdaLNParams = field(default_factory=AdaLNParams)
-
-
-@dataclass
 class FinalLayerParams:
     layernorm_epsilon: float = 1e-6
 
 
 @dataclass
-class FinalLayerConfig:
-    target: Optional[str] = None
-    params: FinalLayerParams = field(default_factory=FinalLayerParams)
-
-
-@dataclass
 class DiTModules:
-    pos_embed_config: PosEmbedConfig = field(default_factory=PosEmbedConfig)
-    patch_embed_config: PatchEmbedConfig = field(default_factory=PatchEmbedConfig)
-    adaln_layer_config: AdaLNConfig = field(default_factory=AdaLNConfig)
-    final_layer_config: FinalLayerConfig = field(default_factory=FinalLayerConfig)
+    pos_embed_config: Targeted[PosEmbedParams] = targeted(PosEmbedParams)
+    patch_embed_config: Targeted[PatchEmbedParams] = targeted(PatchEmbedParams)
+    adaln_layer_config: Targeted[AdaLNParams] = targeted(AdaLNParams)
+    final_layer_config: Targeted[FinalLayerParams] = targeted(FinalLayerParams)
 
 
 @dataclass
@@ -116,7 +122,7 @@ class TrajExtractorParams:
     channels: int = 128  # feature width of every level
     num_res_blocks: int = 2  # ResNet blocks per level; one level per transformer layer
     latent_channels: int = 16  # motion latents come from the 16-channel VAE
-    downscale: int = 2  # pixel-unshuffle factor (= DiT patch size)
+    downscale: int = 2  # pixel-unshuffle factor: a copy of the DiT's patch_size (LINKED)
 
 
 @dataclass
@@ -124,6 +130,8 @@ class FuserParams:
     """Motion-guidance fuser: h + GroupNorm(h) * gamma + beta."""
     num_groups: int = 32
     eps: float = 1e-5
+    # Padding of the temporal Conv1d of gamma/beta at the first and last latent frame: "replicate"
+    # (official) or "zeros".
     temporal_padding: str = "replicate"
 
 
@@ -140,18 +148,12 @@ class DiTParams:
     in_channels: int = 16
     out_channels: int = 16
     hidden_size: int = 3072
-    adm_in_channels: Optional[int] = 256  # declared by the official config, unused
+    adm_in_channels: Optional[int] = 256  # IGNORED (no class conditioning)
     num_attention_heads: int = 48
     transformer_args: TransformerArgs = field(default_factory=TransformerArgs)
     modules: DiTModules = field(default_factory=DiTModules)
     traj_extractor: TrajExtractorParams = field(default_factory=TrajExtractorParams)
     fuser: FuserParams = field(default_factory=FuserParams)
-
-
-@dataclass
-class NetworkConfig:
-    target: Optional[str] = None
-    params: DiTParams = field(default_factory=DiTParams)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,12 +169,6 @@ class DiscretizationParams:
 
 
 @dataclass
-class DiscretizationConfig:
-    target: Optional[str] = None
-    params: DiscretizationParams = field(default_factory=DiscretizationParams)
-
-
-@dataclass
 class TargetOnly:
     target: Optional[str] = None
 
@@ -183,29 +179,17 @@ class DenoiserParams:
     quantize_c_noise: bool = False
     weighting_config: TargetOnly = field(default_factory=TargetOnly)
     scaling_config: TargetOnly = field(default_factory=TargetOnly)
-    discretization_config: DiscretizationConfig = field(default_factory=DiscretizationConfig)
-
-
-@dataclass
-class DenoiserConfig:
-    target: Optional[str] = None
-    params: DenoiserParams = field(default_factory=DenoiserParams)
+    discretization_config: Targeted[DiscretizationParams] = targeted(DiscretizationParams)
 
 
 @dataclass
 class GuiderParams:
     scale: float = 6.0
     exp: float = 5.0
-    num_steps: int = 50
+    num_steps: int = 50  # a copy of the sampler's num_steps (LINKED)
     # The official sampler feeds DynamicCFG the DDPM timestep instead of the step index, which makes
     # the scale jump pseudo-randomly in [1, 7] (THUDM calls it deliberate).  "timestep" = official.
     step_input: str = "timestep"
-
-
-@dataclass
-class GuiderConfig:
-    target: Optional[str] = None  # DynamicCFG (default) or VanillaCFG
-    params: GuiderParams = field(default_factory=GuiderParams)
 
 
 @dataclass
@@ -215,39 +199,21 @@ class SamplerParams:
     # Official: every middle step draws a Gaussian for a first-order proposal and throws it away.
     # False skips that draw (same distribution, a different random stream than the official code).
     draw_discarded_noise: bool = True
-    discretization_config: DiscretizationConfig = field(default_factory=DiscretizationConfig)
-    guider_config: GuiderConfig = field(default_factory=GuiderConfig)
-
-
-@dataclass
-class SamplerConfig:
-    target: Optional[str] = None
-    params: SamplerParams = field(default_factory=SamplerParams)
+    discretization_config: Targeted[DiscretizationParams] = targeted(DiscretizationParams)
+    guider_config: Targeted[GuiderParams] = targeted(GuiderParams)
 
 
 @dataclass
 class SigmaSamplerParams:
     uniform_sampling: bool = True
     num_idx: int = 1000
-    discretization_config: DiscretizationConfig = field(default_factory=DiscretizationConfig)
-
-
-@dataclass
-class SigmaSamplerConfig:
-    target: Optional[str] = None
-    params: SigmaSamplerParams = field(default_factory=SigmaSamplerParams)
+    discretization_config: Targeted[DiscretizationParams] = targeted(DiscretizationParams)
 
 
 @dataclass
 class LossParams:
     offset_noise_level: float = 0.0
-    sigma_sampler_config: SigmaSamplerConfig = field(default_factory=SigmaSamplerConfig)
-
-
-@dataclass
-class LossConfig:
-    target: Optional[str] = None
-    params: LossParams = field(default_factory=LossParams)
+    sigma_sampler_config: Targeted[SigmaSamplerParams] = targeted(SigmaSamplerParams)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,12 +244,6 @@ class ConditionerParams:
 
 
 @dataclass
-class ConditionerConfig:
-    target: Optional[str] = None
-    params: ConditionerParams = field(default_factory=ConditionerParams)
-
-
-@dataclass
 class VAECoderParams:
     double_z: bool = True
     z_channels: int = 16
@@ -302,20 +262,14 @@ class VAECoderParams:
 
 
 @dataclass
-class VAECoderConfig:
-    target: Optional[str] = None
-    params: VAECoderParams = field(default_factory=VAECoderParams)
-
-
-@dataclass
 class VAEParams:
     cp_size: int = 1
     ckpt_path: Optional[str] = "ckpts/vae/3d-vae.pt"
     ignore_keys: List[str] = field(default_factory=lambda: ["loss"])
     loss_config: TargetOnly = field(default_factory=TargetOnly)
     regularizer_config: TargetOnly = field(default_factory=TargetOnly)
-    encoder_config: VAECoderConfig = field(default_factory=VAECoderConfig)
-    decoder_config: VAECoderConfig = field(default_factory=lambda: VAECoderConfig(
+    encoder_config: Targeted[VAECoderParams] = targeted(VAECoderParams)
+    decoder_config: Targeted[VAECoderParams] = field(default_factory=lambda: Targeted[VAECoderParams](
         params=VAECoderParams(gather_norm=False)))
     # Temporal chunks of the decoder (tora.vae.chunk_spans), linked by the causal-conv cache.  The
     # official sample_video.py decodes latent frames [0:3], [3:5], [5:7], ...: chunks of 2 whose first
@@ -339,12 +293,6 @@ class VAEParams:
     # saver for small cards; not bit-identical (per-tile group norms, blended moments).  0 = no tiling.
     encode_tile_latent_size: int = 0
     encode_tile_overlap_latent: int = 4
-
-
-@dataclass
-class VAEConfig:
-    target: Optional[str] = None
-    params: VAEParams = field(default_factory=VAEParams)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,12 +326,12 @@ class ModelConfig:
     latent_input: bool = False
     # Training: regexes on module names of the DiT that get gradients.
     trainable_modules: List[str] = field(default_factory=lambda: ["fuser", "traj_extractor"])
-    network_config: NetworkConfig = field(default_factory=NetworkConfig)
-    denoiser_config: DenoiserConfig = field(default_factory=DenoiserConfig)
-    sampler_config: SamplerConfig = field(default_factory=SamplerConfig)
-    loss_fn_config: LossConfig = field(default_factory=LossConfig)
-    conditioner_config: ConditionerConfig = field(default_factory=ConditionerConfig)
-    first_stage_config: VAEConfig = field(default_factory=VAEConfig)
+    network_config: Targeted[DiTParams] = targeted(DiTParams)
+    denoiser_config: Targeted[DenoiserParams] = targeted(DenoiserParams)
+    sampler_config: Targeted[SamplerParams] = targeted(SamplerParams)
+    loss_fn_config: Targeted[LossParams] = targeted(LossParams)
+    conditioner_config: Targeted[ConditionerParams] = targeted(ConditionerParams)
+    first_stage_config: Targeted[VAEParams] = targeted(VAEParams)
     motion: MotionConfig = field(default_factory=MotionConfig)
 
 
@@ -400,7 +348,7 @@ class TrajectoryConfig:
     # "uniform": resample at constant speed along the path.
     resample: str = "official"
     # Border of the blur: "reflect101" = cv2.filter2D as in official sampling; the official
-    # training blurred with "zeros" (a train/test mismatch, spec 10.6).
+    # training blurred with "zeros" (OFFICIAL_QUIRKS.md#blur-and-colour-mismatch).
     blur_border: str = "reflect101"
     # flow_to_image normalises colours over chunks of this many frames: 0 = all frames together
     # (official sampling); the official training used 2.
@@ -463,12 +411,6 @@ class DataParams:
 
 
 @dataclass
-class DataConfig:
-    target: Optional[str] = None
-    params: DataParams = field(default_factory=DataParams)
-
-
-@dataclass
 class StepCacheConfig:
     """First-block step cache (tora.acceleration.FirstBlockCache); changes the output slightly."""
     enabled: bool = False
@@ -513,15 +455,21 @@ class ArgsConfig:
     sampling_fps: int = 8  # frame rate of the written videos
     video_crf: int = 18  # libx264 quality of the written videos (official 18)
     save_latents: bool = False  # also write the sampled latents (latents/<name>.safetensors)
-    # Official keys accepted for compatibility; only the official values are supported.
+    # Official keys, only the official value (IGNORED)
     batch_size: int = 1
     latent_channels: int = 16
-    force_inference: bool = True  # no effect: checkpoints always load strictly
+    force_inference: bool = True
     flow_from_prompt: bool = False
     # -- training (train_video.py; official train_*.yaml names and values) ----------------------
     experiment_name: str = "tora"  # run folder: <save>/<experiment_name>-MM-DD-HH-MM-SS[-k] (new, unique)
     save: str = "outputs/train"  # parent folder of the run folders
     resume: Optional[str] = None  # a run folder: continue it from its 'latest' checkpoint
+    # Keep what is a function of the clip alone, per clip, for the rest of the run (device memory):
+    # its VAE posterior moments, the dense stage's motion-video moments, the sparse stage's flows.
+    # Exact only when every item of a clip is the same (the whole clip: data.params.max_num_frames =
+    # the clip's frames at its frame rate, skip_frms_num 0), e.g. the synthetic clips; the posterior is
+    # still sampled every step.  Off officially (random windows of long clips).
+    cache_latents: bool = False
     # Train from the constructor's initialisation: then args.load must be null (and vice versa).
     from_scratch: bool = False
     # Load a text-to-video checkpoint (16 input channels) into an image-to-video model (32): the
@@ -534,7 +482,9 @@ class ArgsConfig:
     keep_last_checkpoints: int = 0  # delete older checkpoints, keeping the last N (0 = keep all)
     log_interval: int = 1  # a log line every N iterations (metrics.jsonl gets every step)
     tensorboard: bool = False  # TensorBoard events in <run>/tensorboard
-    checkpoint_activations: bool = True  # recompute each DiT layer in the backward pass (memory)
+    # Recompute each DiT layer in the backward pass (memory).  The one place of the setting; None =
+    # the model config's transformer_args.checkpoint_activations (official model yaml: true).
+    checkpoint_activations: Optional[bool] = None
     warmup: float = 0.01  # linear warmup over this fraction of train_iters (SAT AnnealingLR)
     lr_decay_style: str = "linear"  # after warmup: linear | cosine | exponential | constant
     lr_decay_iters: Optional[int] = None  # length of the decay (default: train_iters)
@@ -545,7 +495,7 @@ class ArgsConfig:
     ema_decay: float = 0.0  # > 0: EMA of the trainable weights, saved as <iter>-ema (official 0.9999)
     exit_interval: Optional[int] = None  # stop (after saving, if due) at a multiple of N iterations
     model_parallel_size: int = 1  # only 1
-    # Official keys accepted for compatibility, without effect (no evaluation during training).
+    # Official keys without effect here (IGNORED: no evaluation during training).
     force_train: bool = True
     no_load_rng: bool = True
     only_log_video_latents: bool = True
@@ -563,7 +513,7 @@ class ToraConfig:
     motion_from_video: MotionFromVideoConfig = field(default_factory=MotionFromVideoConfig)
     args: ArgsConfig = field(default_factory=ArgsConfig)  # run settings of the entry scripts
     acceleration: AccelerationConfig = field(default_factory=AccelerationConfig)
-    data: DataConfig = field(default_factory=DataConfig)  # fine-tuning clips
+    data: Targeted[DataParams] = targeted(DataParams)  # fine-tuning clips
     deepspeed: Any = field(default_factory=dict)  # passed to DeepSpeed as is
 
 
@@ -637,6 +587,77 @@ CHOICES = {
 
 
 # ----------------------------------------------------------------------------------------------
+# One value, one place: the copies the official YAML repeats
+# ----------------------------------------------------------------------------------------------
+
+# (the one place, a copy).  A pair of nodes links every leaf below them.  After all sources are
+# merged (files in order, program defaults, command line), for each pair that differs:
+#   * a side that is None (not given), or a copy that no source set, takes the other value;
+#   * the one place set by a later source than the copy: the copy follows it, with a note in the log
+#     (so `model.sampler_config.params.num_steps=30` on the command line also moves the guider);
+#   * otherwise (the copy set as late or later, to another value): a ConfigError naming both keys,
+#     both values and the source of each.  Official files repeat equal values and load unchanged.
+LINKED = (
+    ("model.sampler_config.params.num_steps", "model.sampler_config.params.guider_config.params.num_steps"),
+    ("model.denoiser_config.params.discretization_config.params",
+     "model.sampler_config.params.discretization_config.params"),
+    ("model.denoiser_config.params.discretization_config.params",
+     "model.loss_fn_config.params.sigma_sampler_config.params.discretization_config.params"),
+    ("model.network_config.params.num_layers", "model.network_config.params.transformer_args.num_layers"),
+    ("model.network_config.params.hidden_size", "model.network_config.params.transformer_args.hidden_size"),
+    ("model.network_config.params.num_attention_heads",
+     "model.network_config.params.transformer_args.num_attention_heads"),
+    ("model.network_config.params.patch_size", "model.network_config.params.traj_extractor.downscale"),
+    ("args.checkpoint_activations", "model.network_config.params.transformer_args.checkpoint_activations"),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Official keys accepted without effect (docs/OFFICIAL_QUIRKS.md lists them too)
+# ----------------------------------------------------------------------------------------------
+
+ANY = None  # every value is accepted (and none changes anything)
+
+# key -> (accepted values, why the key does nothing here).  A value outside the accepted ones is a
+# ConfigError saying so: a setting never validates and then does something else.
+_NET = "model.network_config.params"
+_VAE = "model.first_stage_config.params"
+IGNORED = {
+    "model.disable_first_stage_autocast": (
+        (True,), "the VAE never runs under autocast (always in its own dtype)"),
+    "model.log_keys": (
+        ANY, "the official training logged sample videos of these batch keys; training here logs "
+             "metrics.jsonl and TensorBoard scalars only"),
+    "model.en_and_decode_n_samples_a_time": (
+        (1,), "the VAE encodes and decodes one sample at a time, as officially"),
+    f"{_NET}.adm_in_channels": (ANY, "CogVideoX has no class/vector conditioning (unused officially too)"),
+    f"{_NET}.transformer_args.vocab_size": (
+        ANY, "SAT's word-embedding table is deleted: the patch embedding replaces it"),
+    f"{_NET}.transformer_args.model_parallel_size": ((1,), "no model parallelism"),
+    f"{_NET}.transformer_args.parallel_output": (
+        ANY, "filled in by the official code at run time; one model-parallel rank"),
+    "model.denoiser_config.params.weighting_config": (
+        ANY, "EpsWeighting: unused by the video loss (officially too)"),
+    "model.sampler_config.params.verbose": ((True,), "rank 0 always shows the denoising progress bar"),
+    f"{_VAE}.loss_config": (ANY, "the VAE is frozen: no VAE loss"),
+    **{f"{_VAE}.{coder}_config.params.{key}": (ANY, why) for coder in ("encoder", "decoder") for key, why in (
+        ("resolution", "declared by the official VAE config, unused officially too"),
+        ("gather_norm", "gathers group-norm statistics across context-parallel ranks; cp_size is 1"))},
+    "args.batch_size": ((1,), "one video per prompt and seed"),
+    "args.latent_channels": ((16,), "the latent channels are the VAE's z_channels"),
+    "args.flow_from_prompt": (
+        (False,), "flow files named in the prompt file are not supported; give trajectories with --point_path"),
+    "args.force_inference": (ANY, "DiT checkpoints always load strictly (a missing weight is an error)"),
+    "args.force_train": (ANY, "which keys the starting weights may lack is fixed by tora.checkpoint"),
+    "args.no_load_rng": (ANY, "random streams derive from args.seed and the step; no RNG state is loaded"),
+    "args.only_log_video_latents": (ANY, "no videos are logged during training"),
+    "args.model_parallel_size": ((1,), "no model parallelism"),
+    **{f"args.{key}": (ANY, "no evaluation during training (officially effectively off)")
+       for key in ("eval_iters", "eval_interval", "eval_batch_size", "valid_data", "split")},
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
 
@@ -689,25 +710,101 @@ def load_yaml(path: str | Path) -> DictConfig:
     return data
 
 
+def _dotlist(overrides: list[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command-line override must look like key.path=value, got {bad[0]!r}")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as err:  # a YAML syntax error in a value
+        raise ConfigError(f"cannot parse command-line overrides {list(overrides)}: {err}") from None
+
+
 def load_config(files: list[str | Path] = (), overrides: list[str] = (),
                 extra: dict | None = None) -> DictConfig:
-    """Merge ``files`` (in order) and dotlist ``overrides`` onto the schema and validate."""
-    cfg = schema()
-    for path in files:
-        cfg = merge(cfg, load_yaml(path), str(path))
+    """Merge ``files`` (in order), ``extra`` (program defaults) and dotlist ``overrides`` onto the
+    schema, resolve the LINKED copies and validate."""
+    layers = [(str(path), load_yaml(path)) for path in files]
     if extra:
-        cfg = merge(cfg, extra, "program defaults")
+        layers.append(("program defaults", OmegaConf.create(extra)))
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"command-line override must look like key.path=value, got {bad[0]!r}")
+        # keys through a list item (a.0.b=v) are set one by one after the merge: in a dotlist the
+        # "0" would become a mapping key
+        indexed = [o for o in overrides if "=" in o and re.search(r"(^|\.)\d+(\.|$)", o.split("=", 1)[0])]
+        layers.append(("command line", _dotlist([o for o in overrides if o not in indexed])))
+        return _load(layers, [_item_override(o) for o in indexed])
+    return _load(layers)
+
+
+def _item_override(token: str) -> tuple[str, Any]:
+    key, value = token.split("=", 1)
+    try:
+        return key, OmegaConf.from_dotlist([f"v={value}"]).v
+    except Exception as err:  # a YAML syntax error in a value
+        raise ConfigError(f"cannot parse command-line override {token!r}: {err}") from None
+
+
+def _load(layers: list[tuple[str, DictConfig]], item_overrides: list[tuple[str, Any]] = ()) -> DictConfig:
+    """layers: (source name, mapping) in increasing precedence -> merged, linked, validated config;
+    item_overrides: (key path through a list item, value) from the command line, applied last."""
+    cfg = schema()
+    for source, update in layers:
+        cfg = merge(cfg, update, source)
+    for key, value in item_overrides:
         try:
-            dotlist = OmegaConf.from_dotlist(list(overrides))
-        except Exception as err:  # a YAML syntax error in a value
-            raise ConfigError(f"cannot parse command-line overrides {list(overrides)}: {err}") from None
-        cfg = merge(cfg, dotlist, "command line")
+            OmegaConf.update(cfg, key, value, merge=True)
+        except (OmegaConfBaseException, IndexError, KeyError) as err:
+            raise ConfigError(f"invalid command-line override '{key}': {str(err).splitlines()[0]}") from None
+    link(cfg, layers)
     validate(cfg)
     return cfg
+
+
+_UNSET = object()
+
+
+def _last_setter(layers, key: str) -> int:
+    """Index of the last layer that sets ``key`` (-1: none, the schema default)."""
+    for index in reversed(range(len(layers))):
+        try:
+            if OmegaConf.select(layers[index][1], key, default=_UNSET) is not _UNSET:
+                return index
+        except OmegaConfBaseException:  # e.g. a scalar where the key path needs a mapping
+            continue
+    return -1
+
+
+def _leaf_pairs(cfg: DictConfig, one: str, copy: str):
+    """(one, copy) key paths of every leaf under a LINKED pair (the pair itself for leaves)."""
+    node = OmegaConf.select(cfg, one)
+    if not isinstance(node, DictConfig):
+        yield one, copy
+        return
+    for key in node:
+        yield from _leaf_pairs(cfg, f"{one}.{key}", f"{copy}.{key}")
+
+
+def link(cfg: DictConfig, layers: list[tuple[str, DictConfig]]) -> None:
+    """Give every LINKED copy the value of its one place (rules at LINKED), in place."""
+    def source(index):
+        return layers[index][0] if index >= 0 else "schema default"
+    for pair in LINKED:
+        for one, copy in _leaf_pairs(cfg, *pair):
+            one_value, copy_value = OmegaConf.select(cfg, one), OmegaConf.select(cfg, copy)
+            if one_value == copy_value:
+                continue
+            one_at, copy_at = _last_setter(layers, one), _last_setter(layers, copy)
+            if one_value is None:
+                OmegaConf.update(cfg, one, copy_value)
+                continue
+            if copy_value is not None and copy_at >= 0 and copy_at >= one_at:
+                raise ConfigError(
+                    f"'{copy}' = {copy_value!r} (in {source(copy_at)}) disagrees with '{one}' = "
+                    f"{one_value!r} (in {source(one_at)}): the first is a copy of the second, set only '{one}'")
+            if copy_at >= 0:
+                logger.info("note: '%s' follows '%s' = %r (in %s); %r (in %s) is not used",
+                            copy, one, one_value, source(one_at), copy_value, source(copy_at))
+            OmegaConf.update(cfg, copy, one_value)
 
 
 def _targets(node, path=""):
@@ -741,17 +838,12 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, path)
         if value not in allowed:
             raise ConfigError(f"invalid value {value!r} for '{path}'; choose one of {allowed}")
-    unsupported = {"args.batch_size": 1, "args.latent_channels": 16, "args.flow_from_prompt": False}
-    for key, supported in unsupported.items():
-        if OmegaConf.select(cfg, key) != supported:
-            raise ConfigError(f"'{key}' = {OmegaConf.select(cfg, key)} is not supported (only {supported})")
+    for key, (accepted, why) in IGNORED.items():
+        value = OmegaConf.select(cfg, key)
+        if accepted is not ANY and value not in accepted:
+            raise ConfigError(f"'{key}' = {value!r} would have no effect: {why} (accepted: "
+                              f"{', '.join(repr(v) for v in accepted)})")
     p = cfg.model.network_config.params
-    targs = p.transformer_args
-    for name in ("num_layers", "hidden_size", "num_attention_heads"):
-        given = targs[name]
-        if given is not None and given != p[name]:
-            raise ConfigError(f"'model.network_config.params.transformer_args.{name}' = {given} "
-                              f"disagrees with 'model.network_config.params.{name}' = {p[name]}")
     if p.hidden_size % p.num_attention_heads:
         raise ConfigError(f"hidden_size {p.hidden_size} is not divisible by num_attention_heads "
                           f"{p.num_attention_heads} (model.network_config.params)")
@@ -767,16 +859,7 @@ def validate(cfg: DictConfig) -> None:
                           f"({p.time_compressed_rate}) (model.network_config.params)")
 
 
-def network_params(cfg: DictConfig) -> DictConfig:
-    return cfg.model.network_config.params
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
-
-
 def network_params_from(params: dict, source: str = "network_config.params") -> DictConfig:
     """Validated DiT params from a plain ``network_config.params`` mapping (e.g. a dumped config)."""
-    cfg = merge(schema(), {"model": {"network_config": {"params": params}}}, source)
-    validate(cfg)
-    return cfg.model.network_config.params
+    return _load([(source, OmegaConf.create({"model": {"network_config": {"params": params}}}))]
+                 ).model.network_config.params

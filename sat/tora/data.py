@@ -223,7 +223,7 @@ class SFTDataset(Dataset):
                  seed: int = 0):
         check_params(params)
         if seed < 0:
-            raise ValueError(f"SFTDataset seed must be >= 0, got {seed}")
+            raise ConfigError(f"SFTDataset seed must be >= 0, got {seed} (args.seed)")
         if isinstance(data_dirs, (str, Path)):
             data_dirs = [data_dirs]
         self.data_dirs = [Path(data_dir) for data_dir in data_dirs]
@@ -273,4 +273,4 @@ class SFTDataset(Dataset):
         frames = resize_center_crop(frames, self.params.video_size)  # uint8 [n, 3, H, W]
         video = to_model_range(pad_with_last_frame(frames, self.params.max_num_frames))
         return {"mp4": video, "txt": clip.caption, "num_frames": len(frames),
-                "fps": float(self.params.fps)}
+                "fps": float(self.params.fps), "clip": str(clip.video)}

@@ -149,7 +149,7 @@ class Rotary3DPositionEmbeddingMixin(BaseMixin):
     channels (interleaved pairs).  The tables ``freqs_cos``/``freqs_sin`` [N_max, head_dim] are
     persistent buffers (they are in the official checkpoints); text tokens are never rotated.
     The I2V config declares a learnable table ``pos_embedding`` that the official Tora model loads
-    but never adds (spec 2.6); ``add_learnable_pos_embed`` would add it (THUDM CogVideoX-I2V).
+    but never adds (OFFICIAL_QUIRKS.md#i2v-pos-table); ``add_learnable_pos_embed`` would add it (THUDM CogVideoX-I2V).
     """
 
     def __init__(self, latent_frames: int, patch_height: int, patch_width: int, hidden_size: int,
@@ -271,20 +271,21 @@ class TrajExtractor(nn.Module):
 class MotionGuidanceFuser(nn.Module):
     """MGF: a_V <- a_V + GroupNorm(a_V) * gamma + beta, with gamma/beta from trajectory features.
 
-    gamma (and beta, with its own weights) = temporal Conv1d(k=3, replicate padding) along the
+    gamma (and beta, with its own weights) = temporal Conv1d(k=3, ``temporal_padding`` at the first
+    and last frame: "replicate" officially, or "zeros") along the
     latent frames of a spatial 3x3 Conv2d of the layer's extractor feature.  The temporal convs are
     zero-initialised, so a fresh MGF is the identity.  The GroupNorm is taken per frame (over the
     frame's tokens and the group's channels) in float32.
     """
 
     def __init__(self, feature_channels: int, hidden_size: int, num_groups: int = 32,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, temporal_padding: str = "replicate"):
         super().__init__()
         inner = hidden_size // 4
         self.flow_gamma_spatial = nn.Conv2d(feature_channels, inner, 3, padding=1)
-        self.flow_gamma_temporal = nn.Conv1d(inner, hidden_size, 3, padding=1, padding_mode="replicate")
+        self.flow_gamma_temporal = nn.Conv1d(inner, hidden_size, 3, padding=1, padding_mode=temporal_padding)
         self.flow_beta_spatial = nn.Conv2d(feature_channels, inner, 3, padding=1)
-        self.flow_beta_temporal = nn.Conv1d(inner, hidden_size, 3, padding=1, padding_mode="replicate")
+        self.flow_beta_temporal = nn.Conv1d(inner, hidden_size, 3, padding=1, padding_mode=temporal_padding)
         self.flow_cond_norm = nn.GroupNorm(num_groups, hidden_size, eps=eps)
         for conv in (self.flow_gamma_temporal, self.flow_beta_temporal):
             nn.init.zeros_(conv.weight)
@@ -319,7 +320,8 @@ class AdaLNMixin(BaseMixin):
 
     def __init__(self, num_layers: int, hidden_size: int, time_embed_dim: int, head_dim: int,
                  qk_ln: bool = True, qk_layernorm_epsilon: float = 1e-6, elementwise_affine: bool = True,
-                 traj_channels: int = 128, fuser_groups: int = 32, fuser_eps: float = 1e-5):
+                 traj_channels: int = 128, fuser_groups: int = 32, fuser_eps: float = 1e-5,
+                 fuser_temporal_padding: str = "replicate"):
         super().__init__()
         self.adaLN_modulations = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, 12 * hidden_size)) for _ in range(num_layers))
@@ -332,7 +334,8 @@ class AdaLNMixin(BaseMixin):
                 LayerNorm(head_dim, eps=qk_layernorm_epsilon, elementwise_affine=elementwise_affine)
                 for _ in range(num_layers))
         self.fuser_list = nn.ModuleList(
-            MotionGuidanceFuser(traj_channels, hidden_size, fuser_groups, fuser_eps) for _ in range(num_layers))
+            MotionGuidanceFuser(traj_channels, hidden_size, fuser_groups, fuser_eps, fuser_temporal_padding)
+            for _ in range(num_layers))
         self.layer_hooks = []  # objects with before_layer(i)/after_layer(i), e.g. weight streaming
 
     def layer_forward(self, hidden_states, mask, *args, **kw):
@@ -473,7 +476,7 @@ class DiffusionTransformer(BaseModel):
         self.add_mixin("adaln_layer", AdaLNMixin(
             params.num_layers, params.hidden_size, params.time_embed_dim, head_dim, ad.qk_ln,
             ad.qk_layernorm_epsilon, params.elementwise_affine, te.channels,
-            params.fuser.num_groups, params.fuser.eps))
+            params.fuser.num_groups, params.fuser.eps, params.fuser.temporal_padding))
         self.add_mixin("final_layer", FinalLayerMixin(
             params.hidden_size, params.time_embed_dim, p, params.out_channels, params.elementwise_affine,
             modules.final_layer_config.params.layernorm_epsilon))

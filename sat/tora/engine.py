@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import acceleration
+from .config import ConfigError
 from .diffusion import (DiscreteDenoiser, NoiseFn, VPSDEDPMPP2MSampler, conditioned_network, gaussian_noise)
 from .dit import DiffusionTransformer, use_compiled_kernels
 # The model factory lives in model_factory.py (shared with training); these names stay importable here.
@@ -155,14 +156,14 @@ class ToraEngine:
     # -- geometry --------------------------------------------------------------------------------
     def latent_frames_for(self, num_frames: int) -> int:
         if (num_frames - 1) % self.time_compression or num_frames < 1:
-            raise ValueError(f"num_frames must be 1 + {self.time_compression}k, got {num_frames}")
+            raise ConfigError(f"num_frames must be 1 + {self.time_compression}k, got {num_frames}")
         latent = (num_frames - 1) // self.time_compression + 1
         if latent % 2 == 0:
-            raise ValueError(f"num_frames {num_frames} gives {latent} latent frames; the causal VAE decodes "
-                             f"T latent frames to 1 + {self.time_compression}(T-1) frames only for odd T")
+            raise ConfigError(f"num_frames {num_frames} gives {latent} latent frames; the causal VAE decodes "
+                              f"T latent frames to 1 + {self.time_compression}(T-1) frames only for odd T")
         if latent > self.max_latent_frames:
-            raise ValueError(f"num_frames {num_frames} exceeds the model's "
-                             f"{(self.max_latent_frames - 1) * self.time_compression + 1}")
+            raise ConfigError(f"num_frames {num_frames} exceeds the model's "
+                              f"{(self.max_latent_frames - 1) * self.time_compression + 1}")
         return latent
 
     # -- stages ----------------------------------------------------------------------------------

@@ -308,8 +308,15 @@ def raft_step(frames: np.ndarray, params: RaftParams, device: str = "cpu") -> St
     import torch
 
     from .config import MotionFromVideoConfig
-    from .tracking import load_raft, raft_flows, track_points
+    from .tracking import RAFT_VARIANTS, load_raft, raft_flows, track_points
 
+    if params.model not in RAFT_VARIANTS:
+        raise EvaluationError(f"unknown RAFT model {params.model!r} (--raft-model); choose one of {list(RAFT_VARIANTS)}")
+    if not Path(params.weights).is_file():
+        url = RAFT_VARIANTS[params.model][1].url
+        raise EvaluationError(f"tracker raft: RAFT weights not found at {params.weights} (--raft-weights). "
+                              f"Download torchvision's {params.model} weights from {url} and pass their path; "
+                              f"trackers colour and lk need no weights")
     cfg = MotionFromVideoConfig(raft_model=params.model, raft_weights=params.weights,
                                 raft_iterations=params.iterations, tracking="subpixel")
     raft = load_raft(cfg, device)
@@ -346,12 +353,15 @@ def trajectory_error(requested: np.ndarray, tracked: np.ndarray, found: np.ndarr
 
 
 def summarise(scores: Sequence[dict]) -> dict:
-    """Mean of every metric over trajectories, the mean per-frame curve, counts and the worst
-    trajectory's l2; also the same per number of objects in the video (``by_num_objects``)."""
+    """Mean of every metric over trajectories, the mean per-frame curve, counts, the worst
+    trajectory's l2 (px, %) and the lowest found share; the means also per number of objects in
+    the video (``by_num_objects``)."""
     if not scores:
         raise EvaluationError("nothing to summarise: no trajectory was scored")
     summary = {key: float(np.mean([s[key] for s in scores])) for key in METRICS}
-    summary["worst_l2"] = float(max(s["l2"] for s in scores))
+    summary["worst_l2"] = float(max(s["l2"] for s in scores))  # per-object targets: every trajectory
+    summary["worst_l2_pct"] = float(max(s["l2_pct"] for s in scores))
+    summary["min_found"] = float(min(s["found"] for s in scores))
     summary["curve"] = np.mean([s["curve"] for s in scores], axis=0).tolist()
     summary["trajectories"] = len(scores)
     summary["videos"] = len({s["video"] for s in scores})
@@ -434,23 +444,25 @@ def per_video(scores: Sequence[dict]) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------
 
 ROWS = (("TrajError L1 (px)", "l1"), ("TrajError L2 / EPE (px)", "l2"), ("L1 (% of diagonal)", "l1_pct"),
-        ("L2 (% of diagonal)", "l2_pct"), ("worst trajectory L2 (px)", "worst_l2"), ("frames found (%)", "found"))
+        ("L2 (% of diagonal)", "l2_pct"), ("worst trajectory L2 (px)", "worst_l2"),
+        ("worst trajectory L2 (% of diagonal)", "worst_l2_pct"), ("frames found (%)", "found"),
+        ("fewest frames found in a trajectory (%)", "min_found"))
 
 
 def _cell(summary: dict, key: str) -> str:
-    return f"{100 * summary[key]:.1f}" if key == "found" else f"{summary[key]:.2f}"
+    return f"{100 * summary[key]:.1f}" if key in ("found", "min_found") else f"{summary[key]:.2f}"
 
 
-def markdown_table(motion: dict, baseline: Optional[dict] = None) -> str:
+def markdown_table(motion: dict, baseline: Optional[dict] = None, label: str = "with motion") -> str:
     """The summary table: one row per metric; with a baseline also its column and the ratio
-    (with motion / without motion) of the error metrics."""
+    (with motion / without motion) of the error metrics.  ``label`` heads the first column."""
     if baseline is None:
-        lines = ["| metric | with motion |", "|---|---:|"]
+        lines = [f"| metric | {label} |", "|---|---:|"]
         lines += [f"| {label} | {_cell(motion, key)} |" for label, key in ROWS]
         lines.append(f"| trajectories (videos) | {motion['trajectories']} ({motion['videos']}) |")
         return "\n".join(lines)
     ratio = ratios(motion, baseline)
-    lines = ["| metric | with motion | without motion | ratio |", "|---|---:|---:|---:|"]
+    lines = [f"| metric | {label} | without motion | ratio |", "|---|---:|---:|---:|"]
     for label, key in ROWS:
         shown = f"{ratio[key]:.3f}" if key in ratio else ""
         lines.append(f"| {label} | {_cell(motion, key)} | {_cell(baseline, key)} | {shown} |")
@@ -467,3 +479,117 @@ def video_table(motion: dict[str, dict], baseline: Optional[dict[str, dict]] = N
         line = f"| {name} | {row['l2']:.2f} | {row['l2_pct']:.2f} | {row['worst_l2']:.2f} | {100 * row['found']:.1f} |"
         lines.append(line + (f" {baseline[name]['l2']:.2f} |" if baseline else ""))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures: frame strips and error curves
+# ----------------------------------------------------------------------------------------------
+
+REQUESTED_COLOURS = [(255, 1, 1), (1, 110, 255), (255, 200, 1), (190, 1, 255), (1, 200, 200), (255, 120, 1)]
+TRACKED_COLOUR = (255, 255, 255)
+STRIP_GAP = 4  # px of black between the frames of a strip
+
+
+def strip_frames(num_frames: int, count: int) -> list[int]:
+    """``count`` frame indices spread evenly from the first to the last frame."""
+    return sorted({round(k * (num_frames - 1) / max(count - 1, 1)) for k in range(count)})
+
+
+def frame_strip(frames: np.ndarray, requested: np.ndarray, tracked: np.ndarray, indices: Sequence[int],
+                scale: int = 2) -> np.ndarray:
+    """The frames at ``indices`` side by side, upscaled ``scale`` x (nearest), with each requested
+    path (coloured line, ring at the frame's requested point) and the tracked path so far (white
+    line, dot at the tracked point).  frames [F, H, W, 3] uint8, requested/tracked [N, F, 2] px.
+    Returns uint8 [scale H, K scale W + (K - 1) STRIP_GAP, 3] for K indices."""
+    tiles = []
+    for t in indices:
+        tile = np.ascontiguousarray(np.repeat(np.repeat(frames[t], scale, axis=0), scale, axis=1))
+        for n, (want, got) in enumerate(zip(requested, tracked)):
+            colour = REQUESTED_COLOURS[n % len(REQUESTED_COLOURS)]
+            cv2.polylines(tile, [_pixels(want, scale)], False, colour, 1, cv2.LINE_AA)
+            cv2.polylines(tile, [_pixels(got[:t + 1], scale)], False, TRACKED_COLOUR, 1, cv2.LINE_AA)
+            cv2.circle(tile, tuple(_pixels(want[t:t + 1], scale)[0]), 2 * scale, colour, 1, cv2.LINE_AA)
+            cv2.circle(tile, tuple(_pixels(got[t:t + 1], scale)[0]), scale, TRACKED_COLOUR, -1, cv2.LINE_AA)
+        tiles += [tile, np.zeros((tile.shape[0], STRIP_GAP, 3), np.uint8)]
+    return np.concatenate(tiles[:-1], axis=1)
+
+
+def _pixels(points: np.ndarray, scale: int) -> np.ndarray:
+    """(x, y) px [P, 2] -> int32 [P, 2] positions in a ``scale`` x upscaled image (pixel centres)."""
+    return np.rint((np.asarray(points) + 0.5) * scale - 0.5).astype(np.int32)
+
+
+def labelled_rows(rows: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Stack strips [h, w, 3] vertically, each under a 20 px caption bar with its label."""
+    out = []
+    for label, image in rows:
+        bar = np.zeros((20, image.shape[1], 3), np.uint8)
+        cv2.putText(bar, label, (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        out += [bar, image]
+    return np.concatenate(out, axis=0)
+
+
+def write_strips(out_dir: Path, motion: Result, videos: Sequence[SampleVideo], baseline: Optional[Result] = None,
+                 baseline_videos: Sequence[SampleVideo] = (), count: int = 4, frames_per_strip: int = 5,
+                 scale: int = 2) -> list[Path]:
+    """``<out_dir>/<name>.png`` for the first ``count`` videos: the motion run's strip, and under
+    it the baseline's (same requested paths), each with its tracked path."""
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_name = {v.name: v for v in baseline_videos}
+    written = []
+    for video in list(videos)[:count]:
+        rows = [("with motion", video, motion)]
+        if baseline is not None and video.name in by_name:
+            rows.append(("without motion", by_name[video.name], baseline))
+        images = []
+        for label, sample, result in rows:
+            frames = sample.frames()
+            tracked = np.array([s["tracked"] for s in result.scores if s["video"] == sample.name])
+            l2 = np.mean([s["l2"] for s in result.scores if s["video"] == sample.name])
+            strip = frame_strip(frames, sample.requested, tracked, strip_frames(len(frames), frames_per_strip), scale)
+            images.append((f"{label}: L2 {l2:.1f} px", strip))
+        path = out_dir / f"{video.name}.png"
+        Image.fromarray(labelled_rows(images)).save(path)
+        written.append(path)
+    return written
+
+
+def plot_curves(path: Path, curves: dict[str, Sequence[float]], title: str = "TrajError per frame") -> Path:
+    """PNG of per-frame L2 curves (label -> [F] px), e.g. with and without motion."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for label, curve in curves.items():
+        axes.plot(range(len(curve)), curve, label=label)
+    axes.set(xlabel="frame", ylabel="L2 error (px)", title=title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_error_vs_step(path: Path, series: dict[str, Sequence[tuple[int, float]]],
+                       ylabel: str = "TrajError L2 (% of diagonal)") -> Path:
+    """PNG of TrajError against training step: label -> [(step, value)] (one line per stage)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for label, points in series.items():
+        steps, values = zip(*points)
+        axes.plot(steps, values, marker="o", label=label)
+    axes.set(xlabel="training step", ylabel=ylabel)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported only when a plot is asked for)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -532,6 +532,15 @@ def write_random_clip(out: Path, clip: ClipSpec, cfg: GeneratorConfig) -> Path:
     return write_clip(out, clip.name, render_clip(clip), cfg.fps, clip.caption, clip_ground_truth(clip, cfg))
 
 
+def write_case(index: int, split: str, seed: int, cfg: GeneratorConfig, out: Path) -> ClipSpec | str:
+    """Make and write clip ``index`` of a split (one worker job).  Returns the held-out ``ClipSpec``
+    (its held-out files are written later) or, for training, only the name: the clip's arrays
+    stay in the worker."""
+    clip = held_out_clip(index, seed, cfg) if split == "held_out" else random_clip(split, seed, index, cfg)
+    write_random_clip(out, clip, cfg)
+    return clip if split == "held_out" else clip.name
+
+
 # ----------------------------------------------------------------------------------------------
 # Held-out cases: point files, prompts and first frames for sat/sample_video.py
 # ----------------------------------------------------------------------------------------------
@@ -620,6 +629,9 @@ def write_held_out(out: Path, clips: Sequence[ClipSpec], cfg: GeneratorConfig) -
         prompts_i2v.txt         ``caption@@<name>.png`` lines (pass ``--img_dir <out>/images``)
         cases_t2v.jsonl, cases_i2v.jsonl   the same cases with their own point files (and image), for
                                 one ``sample_video.py --input-file`` run over all of them
+        cases/<name>.txt        the case's caption alone, and ``cases/<name>_i2v.txt`` its I2V line:
+                                sample_video.py applies its --point_path to every prompt of a call,
+                                so a case (own point files) is one call
         manifest.json           per case: name, caption, point files, image, requested pixels, seed
 
     Returns the manifest path.  With ``num_frames`` points per file no resampling rule of
@@ -636,7 +648,11 @@ def write_held_out(out: Path, clips: Sequence[ClipSpec], cfg: GeneratorConfig) -
             point_files.append(str(point_file.relative_to(out)))
         Image.fromarray(render_frames(clip.background, clip.sprites, clip.centres[:, :1])[0]).save(
             out / "images" / f"{clip.name}.png")
+        (out / "cases").mkdir(exist_ok=True)
+        (out / "cases" / f"{clip.name}.txt").write_text(clip.caption + "\n")
+        (out / "cases" / f"{clip.name}_i2v.txt").write_text(f"{clip.caption}@@{clip.name}.png\n")
         cases.append({"name": clip.name, "caption": clip.caption, "point_files": point_files,
+                      "prompt_file": f"cases/{clip.name}.txt", "prompt_file_i2v": f"cases/{clip.name}_i2v.txt",
                       "image": f"images/{clip.name}.png", "video": f"videos/{clip.name}.mp4",
                       "seed": clip.seed, "objects": [sprite.name for sprite in clip.sprites],
                       "requested_pixels_xy": pixels.tolist()})

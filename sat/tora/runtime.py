@@ -11,6 +11,8 @@ import random
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -33,7 +35,7 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested:
         device = torch.device(requested)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{requested}' requested, but no CUDA GPU is available")
+            raise ConfigError(f"args.device = '{requested}', but no CUDA GPU is available")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank())
@@ -84,6 +86,6 @@ def rank_pairs():
     init_distributed()
     world = world_size()
     if world % 2:
-        raise RuntimeError(f"CFG parallel needs an even number of processes, got {world}")
+        raise ConfigError(f"acceleration.cfg_parallel needs an even number of processes, got {world}")
     groups = [torch.distributed.new_group([2 * p, 2 * p + 1]) for p in range(world // 2)]
     return groups[rank() // 2], rank() % 2, rank() // 2, world // 2

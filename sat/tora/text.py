@@ -1,4 +1,5 @@
-"""Text conditioning: the frozen T5 v1.1-XXL encoder and the conditioner around it (spec §5).
+"""Text conditioning: the frozen T5 v1.1-XXL encoder and the conditioner around it
+(OFFICIAL_QUIRKS.md#uncond-zeros).
 
     conditioner = build_conditioner(cfg.model.conditioner_config, device="cuda", dtype=torch.bfloat16)
     context = conditioner(["a red car on a mountain road"])    # [B, 226, 4096], T5 last hidden state
@@ -31,7 +32,7 @@ from torch import nn
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from .errors import ToraError
-from tora.config import ConditionerConfig, ConfigError
+from tora.config import ConditionerParams, ConfigError, Targeted
 
 WEIGHTS_HELP = ("See README section 'Weights': use the official Tora download 'ckpts/t5-v1_1-xxl', or the "
                 "subfolders 'text_encoder' (model) and 'tokenizer' of huggingface 'THUDM/CogVideoX-5b'.")
@@ -40,6 +41,10 @@ TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # either one is a complete
 
 class TextEncoderNotFoundError(ToraError, FileNotFoundError):
     """The T5 folder, or a file it must contain, is missing (the message names the path)."""
+
+
+class TextEncoderError(ToraError, ValueError):
+    """The T5 folder's files do not make a usable encoder (the message names the folder or file)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,8 +60,8 @@ class FrozenT5Embedder(nn.Module):
     def __init__(self, tokenizer: T5Tokenizer, transformer: T5EncoderModel, max_length: int = 226):
         super().__init__()
         if len(tokenizer) > transformer.config.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the T5 encoder only "
-                             f"{transformer.config.vocab_size} embeddings: tokenizer and model do not match")
+            raise TextEncoderError(f"tokenizer has {len(tokenizer)} tokens but the T5 encoder only "
+                                   f"{transformer.config.vocab_size} embeddings: tokenizer and model do not match")
         self.tokenizer = tokenizer
         self.transformer = transformer.eval().requires_grad_(False)
         self.max_length = max_length
@@ -74,7 +79,7 @@ class FrozenT5Embedder(nn.Module):
             model_dir, local_files_only=True, dtype=dtype, output_loading_info=True)
         # transformers would leave missing weights randomly initialised (wrong shapes it refuses).
         if loading_info["missing_keys"]:
-            raise ValueError(f"T5 weights in {model_dir} lack {sorted(loading_info['missing_keys'])}")
+            raise TextEncoderError(f"T5 weights in {model_dir} lack {sorted(loading_info['missing_keys'])}")
         return cls(tokenizer, transformer, max_length).to(device)
 
     @property
@@ -129,7 +134,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
     except (ValueError, KeyError) as err:
-        raise ValueError(f"cannot read the shard index {index_file}: {err!r}") from None
+        raise TextEncoderError(f"cannot read the shard index {index_file}: {err!r}") from None
     return [model_dir / name for name in sorted(set(weight_map.values()))]
 
 
@@ -143,7 +148,7 @@ class GeneralConditioner(nn.Module):
     def __init__(self, embedder: FrozenT5Embedder, ucg_rate: float = 0.1, input_key: str = "txt"):
         super().__init__()
         if not 0.0 <= ucg_rate <= 1.0:
-            raise ValueError(f"ucg_rate must lie in [0, 1], got {ucg_rate}")
+            raise ConfigError(f"ucg_rate must lie in [0, 1], got {ucg_rate} (conditioner emb_models[0].ucg_rate)")
         self.embedder = embedder
         self.ucg_rate = ucg_rate
         self.input_key = input_key  # the batch field holding the prompts
@@ -168,7 +173,7 @@ class GeneralConditioner(nn.Module):
         return context * keep[:, None, None]
 
 
-def build_conditioner(conditioner_config: ConditionerConfig, *, device: torch.device | str = "cpu",
+def build_conditioner(conditioner_config: Targeted[ConditionerParams], *, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32) -> GeneralConditioner:
     """The conditioner of ``cfg.model.conditioner_config``: one frozen T5 embedder."""
     embedder_configs = conditioner_config.params.emb_models
@@ -229,7 +234,7 @@ def write_tiny_t5(folder: str | os.PathLike, *, d_model: int = 32, num_layers: i
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
         num_threads=1, minloglevel=2)
     (folder / "spiece.model").write_bytes(spiece_model.getvalue())
-    # transformers 5 ignores T5Tokenizer(vocab_file=...), so hand over the pieces (cpu_notes §6).
+    # transformers 5 ignores T5Tokenizer(vocab_file=...), so hand over the pieces (OFFICIAL_QUIRKS.md#t5-folders).
     # No <extra_id_*> sentinels: built this way transformers numbers them in the opposite order to
     # the spiece.model route (and to T5), and prompts never use them.
     processor = sentencepiece.SentencePieceProcessor(model_proto=spiece_model.getvalue())

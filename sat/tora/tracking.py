@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights, raft_large, raft_small
 
-from tora.config import MotionFromVideoConfig
+from tora.checkpoint import CheckpointNotFoundError
+from tora.config import ConfigError, MotionFromVideoConfig
 
 # config name -> (torchvision builder, torchvision's published weights: the file to download)
 RAFT_VARIANTS = {
@@ -52,12 +53,12 @@ def load_raft(cfg: MotionFromVideoConfig, device: torch.device | str = "cpu") ->
     """The RAFT model named by ``cfg.raft_model`` with the local weights ``cfg.raft_weights``,
     frozen and in eval mode.  Nothing is downloaded: a missing file is an error naming the URL."""
     if cfg.raft_model not in RAFT_VARIANTS:
-        raise ValueError(f"unknown motion_from_video.raft_model {cfg.raft_model!r}; "
-                         f"choose one of {list(RAFT_VARIANTS)}")
+        raise ConfigError(f"unknown motion_from_video.raft_model {cfg.raft_model!r}; "
+                          f"choose one of {list(RAFT_VARIANTS)}")
     build, published = RAFT_VARIANTS[cfg.raft_model]
     path = Path(cfg.raft_weights)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"RAFT weights not found at {path} (motion_from_video.raft_weights). Download torchvision's "
             f"{published} from {published.url} and put it there (e.g. ckpts/raft/{published.url.rsplit('/', 1)[1]}).")
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -65,8 +66,8 @@ def load_raft(cfg: MotionFromVideoConfig, device: torch.device | str = "cpu") ->
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
-        raise ValueError(f"{path} does not hold {cfg.raft_model} weights (motion_from_video.raft_weights "
-                         f"must match motion_from_video.raft_model): {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{path} does not hold {cfg.raft_model} weights (motion_from_video.raft_weights "
+                          f"must match motion_from_video.raft_model): {str(err).splitlines()[0]}") from None
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -146,7 +147,7 @@ def keypoint_candidates(height: int, width: int, stride: int, generator: torch.G
     by the right/bottom border draw only inside the frame (the official offset could leave it).
     """
     if stride < 1:
-        raise ValueError(f"motion_from_video.grid_stride must be >= 1, got {stride}")
+        raise ConfigError(f"motion_from_video.grid_stride must be >= 1, got {stride}")
     cell_y, cell_x = torch.meshgrid(torch.arange(0, height, stride), torch.arange(0, width, stride), indexing="ij")
     cell_origin = torch.stack([cell_x, cell_y], dim=-1).reshape(-1, 2)  # [M, 2] (x, y)
     cell_size = (torch.tensor([width, height]) - cell_origin).clamp(max=stride)  # [M, 2]
@@ -176,8 +177,8 @@ def sample_keypoints(first_flow: Tensor, cfg: MotionFromVideoConfig, generator: 
     by its flow magnitude.
     """
     if not 1 <= cfg.min_points <= cfg.max_points:
-        raise ValueError(f"need 1 <= motion_from_video.min_points <= motion_from_video.max_points, "
-                         f"got {cfg.min_points} and {cfg.max_points}")
+        raise ConfigError(f"need 1 <= motion_from_video.min_points <= motion_from_video.max_points, "
+                          f"got {cfg.min_points} and {cfg.max_points}")
     height, width, _ = first_flow.shape
     candidates = keypoint_candidates(height, width, cfg.grid_stride, generator).to(first_flow.device)
     speed = first_flow[candidates[:, 1], candidates[:, 0]].norm(dim=-1)  # [M]
@@ -216,7 +217,7 @@ def track_points(flows: Tensor, start: Tensor, mode: str) -> Tensor:
     1 px/frame never move, spec 10.6); "subpixel": positions stay fractional, flow sampled bilinearly.
     """
     if mode not in FLOW_LOOKUP:
-        raise ValueError(f"unknown motion_from_video.tracking {mode!r}; choose one of {list(FLOW_LOOKUP)}")
+        raise ConfigError(f"unknown motion_from_video.tracking {mode!r}; choose one of {list(FLOW_LOOKUP)}")
     flow_at = FLOW_LOOKUP[mode]
     _, height, width, _ = flows.shape
     last_pixel = torch.tensor([width - 1, height - 1], dtype=torch.float32, device=flows.device)
@@ -268,7 +269,7 @@ def video_motion_flow(video: Tensor, raft: nn.Module, cfg: MotionFromVideoConfig
     if cfg.stage == "sparse":
         _, height, width, _ = flows.shape
         return sparse_flow_from_tracks(track_keypoints(flows, cfg, generator), height, width)
-    raise ValueError(f"unknown motion_from_video.stage {cfg.stage!r}; choose 'dense' or 'sparse'")
+    raise ConfigError(f"unknown motion_from_video.stage {cfg.stage!r}; choose 'dense' or 'sparse'")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from .dit import DiffusionTransformer
 from .model_factory import load_base_weights
 from .tracking import dense_motion_flow, farneback_flows, raft_flows, track_keypoints
 from .trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
+from .vae import Posterior
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +108,17 @@ def clip_flows(raft: Optional[nn.Module], clip: Tensor, cfg) -> Tensor:
 
 @torch.no_grad()
 def motion_video_from_clip(clip: Tensor, raft: nn.Module, motion_cfg, trajectory_cfg,
-                           generator: torch.Generator) -> Tensor:
+                           generator: torch.Generator, flows: Optional[Tensor] = None) -> Tensor:
     """Training motion video [1, 3, F, H, W] in [-1, 1] (the VAE input) of a clip [F, 3, H, W].
 
     Stage "dense" (``motion_from_video.stage``): [zero flow, F-1 RAFT flows], no blur.  Stage
     "sparse": keypoints sampled on the first flow and tracked through the others
     (``tracking.track_keypoints``), then rasterised, blurred and coloured by
     ``trajectory.tracks_to_video`` - the function sampling uses for point files.  Colours are
-    normalised per ``trajectory.flow_image_chunk_frames`` frames in both stages.
+    normalised per ``trajectory.flow_image_chunk_frames`` frames in both stages.  ``flows``: the
+    clip's flows when already known (``args.cache_latents``).
     """
-    flows = clip_flows(raft, clip, motion_cfg)
+    flows = clip_flows(raft, clip, motion_cfg) if flows is None else flows
     if motion_cfg.stage == "dense":
         return rgb_to_video(flow_to_rgb(dense_motion_flow(flows), trajectory_cfg.flow_image_chunk_frames))
     if motion_cfg.stage != "sparse":
@@ -153,12 +155,33 @@ class BatchPreparer:
             raise ConfigError("model.latent_input = true (precomputed latents) is not supported for training")
         self.i2v = model.noised_image_input
         self.timing: dict[str, float] = {}
+        # args.cache_latents: what is a function of the clip alone, computed once per clip (see
+        # _cached): the clip's posterior moments, the dense stage's motion-video moments, the flows.
+        self.cache: Optional[dict] = {} if cfg.args.cache_latents else None
+
+    def _moments(self, video: Tensor) -> Tensor:
+        return self.vae.encode(video.to(self.device)).moments
+
+    def _cached(self, kind: str, clips: list[str], compute: Callable[[list[int]], Tensor]) -> Tensor:
+        """``compute(indices)`` -> one tensor per batch item, stacked; with the cache on, only the
+        clips not seen yet are computed, and the results are kept (per ``kind`` and clip path)."""
+        if self.cache is None:
+            return compute(list(range(len(clips))))
+        missing = [i for i, clip in enumerate(clips) if (kind, clip) not in self.cache]
+        if missing:
+            for i, value in zip(missing, compute(missing)):
+                self.cache[(kind, clips[i])] = value
+        return torch.stack([self.cache[(kind, clip)] for clip in clips])
+
+    def _sample(self, moments: Tensor, generator: torch.Generator) -> Tensor:
+        """Posterior moments [B, 32, T, h, w] -> scale_factor * sample [B, T, 16, h, w] float32."""
+        posterior = Posterior(moments)
+        latents = posterior.sample(eps=gaussian_noise(generator)(posterior.mean))
+        return (self.scale_factor * latents).permute(0, 2, 1, 3, 4).float()
 
     def _encode(self, video: Tensor, generator: torch.Generator) -> Tensor:
         """Pixels [B, 3, F, H, W] in [-1, 1] -> 0.7 * posterior sample [B, T, 16, h, w] float32."""
-        posterior = self.vae.encode(video.to(self.device))
-        latents = posterior.sample(eps=gaussian_noise(generator)(posterior.mean))
-        return (self.scale_factor * latents).permute(0, 2, 1, 3, 4).float()
+        return self._sample(self._moments(video), generator)
 
     def _image_concat(self, video: Tensor, x0: Tensor, rng: StepRandom) -> Tensor:
         """I2V concat input (official ``shared_step``): the first frame plus N(0, sigma^2) noise with
@@ -189,14 +212,26 @@ class BatchPreparer:
         self.timing = {}
         start = time.perf_counter()
         clips = batch["mp4"].to(self.device, non_blocking=True).float()
+        names = list(batch.get("clip") or [str(i) for i in range(len(clips))])
+        if self.cache is not None and "clip" not in batch:
+            raise ConfigError("args.cache_latents needs the data items' clip paths (tora.data.SFTDataset)")
+        motion_cfg = self.cfg.motion_from_video
         motion_latents = None  # stage "none": a plain text-to-video step
-        if self.cfg.motion_from_video.stage != "none":
-            motion = torch.cat([motion_video_from_clip(clip, self.raft, self.cfg.motion_from_video,
-                                                       self.cfg.trajectory, rng.cpu) for clip in clips])
-            start = self._time("motion_s", start)
+        if motion_cfg.stage == "dense":  # a function of the clip: cacheable as VAE moments
+            def dense_moments(indices):
+                motion = torch.cat([motion_video_from_clip(clips[i], self.raft, motion_cfg, self.cfg.trajectory,
+                                                           rng.cpu) for i in indices])
+                return self._moments(motion)
+            motion_latents = self._sample(self._cached("motion", names, dense_moments), rng.device)
+        elif motion_cfg.stage == "sparse":  # random keypoints each step; the flows are the clip's
+            flows = self._cached("flows", names, lambda indices: torch.stack(
+                [clip_flows(self.raft, clips[i], motion_cfg).to(torch.bfloat16) for i in indices]))
+            motion = torch.cat([motion_video_from_clip(clip, self.raft, motion_cfg, self.cfg.trajectory, rng.cpu,
+                                                       flows=flow.float()) for clip, flow in zip(clips, flows)])
             motion_latents = self._encode(motion, rng.device)
+        start = self._time("motion_s", start)
         video = clips.permute(0, 2, 1, 3, 4)  # [B, 3, F, H, W]
-        x0 = self._encode(video, rng.device)
+        x0 = self._sample(self._cached("x0", names, lambda indices: self._moments(video[indices])), rng.device)
         concat = self._image_concat(video, x0, rng) if self.i2v else None
         start = self._time("vae_s", start)
         context = self.conditioner.drop_text(self.conditioner(list(batch["txt"])).to(self.device), rng.cpu)

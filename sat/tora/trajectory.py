@@ -44,7 +44,7 @@ import torch
 from torchvision.utils import flow_to_image
 
 from .errors import ToraError
-from tora.config import TrajectoryConfig
+from tora.config import ConfigError, TrajectoryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def sparse_flow(tracks: torch.Tensor, video_size_hw: tuple[int, int]) -> torch.T
 def gaussian_profile(size: int, sigma: float) -> torch.Tensor:
     """g[d] = exp(-d^2 / (2 sigma^2)) for d = -(size // 2) ... size // 2, float64, g[centre] = 1."""
     if size < 1 or size % 2 == 0:
-        raise ValueError(f"blur kernel size must be odd and positive (trajectory.blur_kernel_size), got {size}")
+        raise ConfigError(f"blur kernel size must be odd and positive (trajectory.blur_kernel_size), got {size}")
     offsets = torch.arange(size, dtype=torch.float64) - size // 2
     return torch.exp(-offsets ** 2 / (2 * sigma ** 2))
 
@@ -237,7 +237,7 @@ def _border_source(positions: torch.Tensor, length: int, border: str) -> torch.T
     if border == "zeros":
         return torch.where((positions >= 0) & (positions < length), positions, -1)
     if border != "reflect101":
-        raise ValueError(f"unknown blur border {border!r} (trajectory.blur_border): use reflect101 or zeros")
+        raise ConfigError(f"unknown blur border {border!r} (trajectory.blur_border): use reflect101 or zeros")
     if length == 1:
         return torch.zeros_like(positions)
     period = 2 * (length - 1)
@@ -287,8 +287,8 @@ def flow_to_rgb(flow: torch.Tensor, chunk_frames: int = 0) -> torch.Tensor:
     0 = all frames together (official sampling), 2 = the official training.  Zero flow is white.
     """
     if chunk_frames < 0:
-        raise ValueError(f"flow image chunk size must be >= 0 (trajectory.flow_image_chunk_frames), "
-                         f"got {chunk_frames}")
+        raise ConfigError(f"flow image chunk size must be >= 0 (trajectory.flow_image_chunk_frames), "
+                          f"got {chunk_frames}")
     frames = flow.permute(0, 3, 1, 2).float()  # [F, 2, H, W]
     chunks = frames.split(chunk_frames) if chunk_frames > 0 else [frames]
     return torch.cat([flow_to_image(chunk) for chunk in chunks])

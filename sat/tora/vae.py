@@ -1,7 +1,7 @@
 """The 3-D causal VAE of CogVideoX (Tora's first stage), on diffusers' ``AutoencoderKLCogVideoX``.
 
-The network is diffusers' (the same as the official SAT ``vae_modules``, spec 6.5); this file adds what
-the official code does around it:
+The network is diffusers' (the same as the official SAT ``vae_modules``, see
+OFFICIAL_QUIRKS.md#vae-diffusers-keys); this file adds what the official code does around it:
 
 * construction from the official config (``model.first_stage_config.params``), rejecting what the
   network cannot represent;
@@ -16,7 +16,7 @@ the official code does around it:
 
 Shapes: video [B, 3, f, H, W] in [-1, 1] with f = 1 + 4k frames; latents [B, C=16, t = 1 + k, H/8, W/8].
 
-Causal-conv cache ("fake context parallel", spec 6.4): every 3-d conv with kernel k_t > 1 pads a call
+Causal-conv cache ("fake context parallel", OFFICIAL_QUIRKS.md#vae-chunked-decode): every 3-d conv with kernel k_t > 1 pads a call
 with k_t - 1 copies of its first frame; when a clip is processed in temporal chunks, diffusers' modules
 return the last k_t - 1 (padded) input frames of each conv as ``conv_cache``, and feeding that to the
 next chunk replaces the replicated padding - exactly the official cache.  The group norms still take
@@ -44,7 +44,7 @@ STATE_DICT_ENTRY = "state_dict"  # 3d-vae.pt = torch.save({"state_dict": officia
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # DiagonalGaussianRegularizer clamps the log-variance
 NORM_GROUPS, NORM_EPS = 32, 1e-6  # every (spatial) group norm of the official VAE
 
-# Key renames official <-> diffusers besides the level/mid-block numbering (spec 6.5).
+# Key renames official <-> diffusers besides the level/mid-block numbering (OFFICIAL_QUIRKS.md#vae-diffusers-keys).
 _KEY_PARTS = ((".block.", ".resnets."), (".downsample.", ".downsamplers.0."),
               (".upsample.", ".upsamplers.0."), (".nin_shortcut.", ".conv_shortcut."))
 

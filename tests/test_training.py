@@ -629,7 +629,7 @@ def test_logs_are_quiet_and_name_the_steps(reference_run):
 
 def test_small_model_stages_from_scratch_then_farneback_motion_run_through_the_loop(micro, tmp_path):
     """Stage 0 (from scratch, no motion, every base weight trainable), then a sparse motion stage with
-    the weight-free Farneback flow from its run folder, every weight trainable."""
+    the weight-free Farneback flow (flows cached per clip) from its run folder, every weight trainable."""
     base_only = r"model.trainable_modules=['^(?!traj_extractor\.|mixins\.adaln_layer\.fuser_list\.)']"
     stage0 = train(micro_cfg(micro, tmp_path / "s0", "args.load=null", "args.from_scratch=true", base_only,
                              "motion_from_video.stage=none", "args.train_iters=2", "args.save_interval=2"),
@@ -638,7 +638,7 @@ def test_small_model_stages_from_scratch_then_farneback_motion_run_through_the_l
     assert [r["step"] for r in metrics(stage0)] == [1, 2] and not (stage0 / UNTRAINED_MARKER).exists()
     cfg = micro_cfg(micro, tmp_path / "s1", f"args.load={stage0}", "model.trainable_modules=['.*']",
                     "motion_from_video.stage=sparse", "motion_from_video.flow_estimator=farneback",
-                    "args.train_iters=2", "args.save_interval=2")
+                    "args.cache_latents=true", "args.train_iters=2", "args.save_interval=2")
     stage1 = train(cfg, build=training.build_components)
     after = dit_state(stage1 / "2")
     changed = {k for k in weights if not torch.equal(weights[k], after[k])}

@@ -11,8 +11,9 @@ Per micro-batch of clips (everything here is frozen and runs without autograd)::
 The sparse motion goes through ``trajectory.tracks_to_video``, the function that also turns the
 point files of sampling into motion videos; ``trajectory.blur_border`` and
 ``trajectory.flow_image_chunk_frames`` select the official training numerics (zero border, colours
-per 2 frames) or the sampling ones (reflect-101, all frames).  Motion stage "none" passes no motion
-(a plain text-to-video step).
+per 2 frames) or the sampling ones (reflect-101, all frames):
+OFFICIAL_QUIRKS.md#blur-and-colour-mismatch.  Motion stage "none" passes no motion (a plain
+text-to-video step).
 
 Randomness: every draw of step k (keypoints, posterior samples, timesteps, noise, dropouts) comes
 from generators seeded by (seed, k, micro-batch, data-parallel rank), and the global RNG is reseeded

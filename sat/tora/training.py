@@ -262,7 +262,8 @@ def decay_groups(module: nn.Module) -> list[dict]:
 
 
 def learning_rate(step: int, base_lr: float, args) -> float:
-    """The learning rate of optimizer step ``step`` (1-based), SAT's AnnealingLR in finetune mode.
+    """The learning rate of optimizer step ``step`` (1-based), SAT's AnnealingLR in finetune mode
+    (OFFICIAL_QUIRKS.md#auto-warmup).
 
     With L = base_lr, T = lr_decay_iters or train_iters, W = warmup * T:
     steps 1..auto_warmup_steps use min(auto_warmup_rate L, L n / W); then L n / W up to W; then

@@ -13,12 +13,13 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 # Large, changing activation shapes: let the CUDA allocator grow segments instead of fragmenting.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+from tora.logs import quiet_libraries, setup_logging  # noqa: E402
+
+quiet_libraries()  # before SAT, DeepSpeed and transformers are imported
 
 from tora.config import load_config, parse_cli  # noqa: E402
 from tora.errors import ToraError  # noqa: E402
@@ -36,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--image2video", action="store_const", const=True, help="prompts carry a first-frame image")
     p.add_argument("--img_dir", help="folder of the I2V images (default: the prompt file's folder)")
     p.add_argument("--seed", type=int, help="base seed; prompt k uses seed + k")
-    p.add_argument("--sampling-num-frames", dest="sampling_num_frames", type=int, help="latent frames (13 = 49 frames)")
+    p.add_argument("--sampling-num-frames", dest="sampling_num_frames", type=int, help="latent frames, odd, at most the model's (13 = 49 frames, the 5B model's; "
+                        "the tiny model's 7 = 25 frames); default: the model's")
     p.add_argument("--no-flow-injection", dest="no_flow_injection", action="store_const", const=True,
                    help="ignore trajectories (plain CogVideoX behaviour)")
     p.add_argument("--save-latents", dest="save_latents", action="store_const", const=True,
@@ -59,8 +61,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("sat").propagate = False  # SAT logs through its own handler
+    setup_logging()
     options = parse_args(argv)
     given = {k: v for k, v in vars(options).items() if k not in ("base", "overrides") and v is not None}
     speed = {k: given.pop(k) for k in ("compile", "fp8", "cfg_parallel") if k in given}

@@ -18,11 +18,11 @@ deepspeed.optimizer.params.lr=5e-5.  Precedence: --base files in order < flags <
 import argparse
 import logging
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+from tora.logs import quiet_libraries, setup_logging
 
-from tora import sat_compat  # noqa: E402
+quiet_libraries()  # before SAT, DeepSpeed and transformers are imported
+
 from tora.config import load_config, parse_cli  # noqa: E402
 from tora.errors import ToraError  # noqa: E402
 
@@ -49,9 +49,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("sat").propagate = False  # SAT logs through its own handler
-    sat_compat.before_import()  # SAT (and with it DeepSpeed) is first imported below
+    setup_logging()
     options = parse_args(argv)
     flags = {k: v for k, v in vars(options).items() if k not in ("base", "overrides") and v is not None}
     log = logging.getLogger("train_video")

@@ -5,7 +5,7 @@
     .venv/bin/python scripts/eval_traj.py --validate data/held_out --tracker lk    # the tracker's own error
 
 RUN is a ``sat/sample_video.py`` output folder (``video/``, ``traj/``, ``prompt/``).  ``--baseline``
-is the same prompts and seeds sampled with ``--no_flow_injection``; its videos (same names) are
+is the same prompts and seeds sampled with ``--no-flow-injection``; its videos (same names) are
 scored against RUN's requested trajectories and the table gets the ratio.  ``--validate DIR``
 scores a clip folder of ``scripts/make_moving_objects.py`` against its ground truth instead.
 The protocol: docs/EVALUATION.md and ``tora.evaluation``.
@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--colour-threshold", type=float, default=defaults.colour.threshold,
                         help="colour tracker: RGB distance of a pixel of the object's colour")
     parser.add_argument("--patch-radius", type=float, default=defaults.patch.radius,
-                        help="lk/raft: half size (px) of the grid of tracked points")
+                        help="lk/raft: half size (px) of the grid of tracked points at a 96 px short side "
+                             "(scaled with the video's short side)")
     parser.add_argument("--raft-weights", default=defaults.raft.weights, help="raft: torchvision RAFT state dict")
     parser.add_argument("--raft-model", default=defaults.raft.model, help="raft: raft_large or raft_small")
     parser.add_argument("--json", type=Path, help="summary file (default <RUN>/trajerror_<tracker>.json)")

@@ -16,6 +16,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "sat"))
 
+from tora.logs import quiet_libraries  # noqa: E402
+
+quiet_libraries()  # before SAT, DeepSpeed and transformers are imported
+
 import torch  # noqa: E402
 
 from tora.checkpoint import save_checkpoint  # noqa: E402

@@ -62,6 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=json.loads, default={},
                    help='training steps per stage, JSON, e.g. \'{"t2v_base": 2000}\' (default: the configs)')
     p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--load-from", type=json.loads, default={},
+                   help='start a stage from another stage\'s product, JSON, e.g. \'{"sparse": "t2v_base"}\'')
+    p.add_argument("--eval-cases", type=json.loads, default={"t2v": 0, "i2v": 0},
+                   help="held-out cases sampled per mode (0 = all), JSON")
     p.add_argument("--smoke", action="store_true", help="tiny data and few steps: checks the recipe on a CPU")
     return p.parse_args(argv)
 
@@ -87,7 +91,6 @@ class Recipe:
         print(f"== {stage} done: {json.dumps(record)}", flush=True)
         if self.args.out:
             self.args.out.mkdir(parents=True, exist_ok=True)
-            shutil.copy(self.done_file(stage), self.args.out / self.done_file(stage).name)
 
     def run(self, cmd: list[str], minutes: float | None = None, env: dict | None = None) -> bool:
         """Run a command; with ``minutes``, stop it (SIGINT, then SIGKILL) when over time.  Returns
@@ -158,6 +161,7 @@ class Recipe:
 
     def stage_training(self, stage: str):
         configs, parent, i2v = TRAINING[stage]
+        parent = self.args.load_from.get(stage, parent)
         model = [SMALL, SMALL_I2V] if i2v else [SMALL]
         save = self.work / "runs"
         cmd = [PY, "sat/train_video.py", "--base", *model, *TRAIN_BASE, *configs,
@@ -226,6 +230,13 @@ class Recipe:
         record = {}
         for mode, cases, models, load in [("t2v", "cases_t2v.jsonl", [SMALL], "t2v"),
                                           ("i2v", "cases_i2v.jsonl", [SMALL, SMALL_I2V], "i2v")]:
+            count = self.args.eval_cases.get(mode, 0)
+            if count:  # the first `count` cases only
+                subset = self.work / "eval" / f"{mode}_cases.jsonl"
+                subset.parent.mkdir(parents=True, exist_ok=True)
+                subset.write_text("".join((held_out / cases).read_text().splitlines(True)[:count]).replace(
+                    '"points/', f'"{held_out}/points/').replace('"images/', f'"{held_out}/images/'))
+                cases = subset
             for motion in (True, False):
                 out = self.work / "eval" / (mode if motion else f"{mode}_nomotion")
                 cmd = [PY, "sat/sample_video.py", "--base", *models, "configs/tora/inference.yaml",
@@ -240,11 +251,11 @@ class Recipe:
                 start = time.time()
                 self.run(cmd)
                 record[out.name] = {"minutes": round((time.time() - start) / 60, 2)}
-        # TrajError against training: the first 16 T2V cases through each stage's product (motion on)
+        # TrajError against training: the first 8 T2V cases through each stage's product (motion on)
         subset = self.work / "eval" / "curve_cases.jsonl"
-        subset.write_text("".join((held_out / "cases_t2v.jsonl").read_text().splitlines(True)[:16]).replace(
+        subset.write_text("".join((held_out / "cases_t2v.jsonl").read_text().splitlines(True)[:8]).replace(
             '"points/', f'"{held_out}/points/'))
-        for stage in ("t2v_base", "dense", "sparse"):
+        for stage in [s for s in ("t2v_base", "dense", "sparse") if (self.products / s).is_dir()]:
             cmd = [PY, "sat/sample_video.py", "--base", SMALL, "configs/tora/inference.yaml", "--load",
                    self.products / stage, "--input-file", subset, "--output-dir", self.work / "eval" / f"curve_{stage}",
                    *self.common_overrides()]

@@ -1,5 +1,6 @@
 """SAT checkpoint containers: both layouts, strict keys with readable errors, atomic saves."""
 import os
+import re
 
 import pytest
 import torch
@@ -119,3 +120,50 @@ def test_save_is_atomic(tmp_path, model, monkeypatch):
     assert (tmp_path / "1" / MODEL_FILE).read_bytes() == before
     assert (tmp_path / "latest").read_text() == "1"
     assert sorted(p.name for p in (tmp_path / "1").iterdir()) == [MODEL_FILE]  # no temp files left
+
+
+# -- damaged files, full disk, umask (issue 14, defects 6 and 10) ------------------------------
+
+def test_empty_or_truncated_checkpoints_are_named(model, tmp_path):
+    data = save_checkpoint(model.state_dict(), tmp_path / "good", 1).read_bytes()
+    for name, content, message in [("empty", b"", "is empty (0 bytes)"),
+                                   ("cut", data[:len(data) // 2], "is truncated or not a PyTorch checkpoint")]:
+        file = tmp_path / name / MODEL_FILE
+        file.parent.mkdir()
+        file.write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(file))}.*{re.escape(message)}"):
+            load_dit_checkpoint(fresh(model), file.parent)
+
+
+def test_checkpoint_files_respect_the_umask(model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        file = save_checkpoint(model.state_dict(), tmp_path, 3)
+    finally:
+        os.umask(old)
+    assert oct(file.stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "latest").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(model, tmp_path):
+    from test_files import small_tmpfs
+    small = {k: v[:1].clone() for k, v in list(model.state_dict().items())[:2]}
+    with small_tmpfs(tmp_path / "disk", size="256k") as disk:
+        save_checkpoint(small, disk, 1)
+        with pytest.raises(OSError, match=f"no space left on {disk / '2'}"):
+            save_checkpoint(model.state_dict(), disk, 2)
+        assert (disk / "latest").read_text() == "1" and resolve_checkpoint(disk)[1] == 1
+        assert [p.name for p in (disk / "2").iterdir()] == []  # no temporary left behind
+
+
+def test_a_checkpoint_of_another_resolution_loads_with_recomputed_rotary_tables(model, tmp_path):
+    """The README's promise: rotary tables are a function of the config, not weights (issue 14, defect 8)."""
+    save_checkpoint(model.state_dict(), tmp_path, 1)  # the tables are in the file, at 8 x 12 latents
+    other = DiffusionTransformer(network_params_from({**TINY, "latent_height": 10, "latent_width": 6}))
+    load_dit_checkpoint(other, tmp_path)
+    reference = DiffusionTransformer(other.params)
+    for key in ("mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos"):
+        assert other.state_dict()[key].shape != model.state_dict()[key].shape
+        torch.testing.assert_close(other.state_dict()[key], reference.state_dict()[key])
+    torch.testing.assert_close(other.state_dict()["transformer.layers.0.attention.dense.weight"],
+                               model.state_dict()["transformer.layers.0.attention.dense.weight"])

@@ -211,3 +211,26 @@ def test_ignored_official_keys_are_schema_keys_with_a_reason():
         assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
         assert why and (accepted is ANY or OmegaConf.select(cfg, key) in accepted), key
     load_config([], ["args.eval_interval=99999", "model.log_keys=[txt,mp4]"])  # any value: accepted
+# -- command line (issue 14, defect 2) -----------------------------------------------------------
+
+def sample_cli(argv, capsys):
+    """sample_video.py's parser on ``argv``; returns (options or None, stderr)."""
+    import sample_video
+    try:
+        return sample_video.parse_args(["--base", "m.yaml", *argv]), ""
+    except SystemExit as exit_info:
+        assert exit_info.code == 2
+        return None, capsys.readouterr().err
+
+
+def test_a_token_that_is_not_key_value_is_an_error_naming_it(capsys):
+    options, err = sample_cli(["--load", "ck", "args.seed", "99"], capsys)
+    assert options is None and "unexpected argument 'args.seed'" in err and "did you mean 'args.seed=99'" in err
+    options, err = sample_cli(["--point_path", "a.txt", "--seed", "3", "b.txt"], capsys)
+    assert options is None and "unexpected argument 'b.txt'" in err
+
+
+def test_overrides_stand_anywhere_on_the_line(capsys):
+    options, _ = sample_cli(["--point_path", "a.txt", "b.txt", "args.seed=99", "--seed", "3", "x.y=1"], capsys)
+    assert options.point_path == ["a.txt", "b.txt"] and options.seed == 3
+    assert options.overrides == ["args.seed=99", "x.y=1"]

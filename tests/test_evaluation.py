@@ -15,8 +15,8 @@ from tora.evaluation import (ColourParams, EvalConfig, EvaluationError, PatchPar
                              TargetColour, colour_mask, evaluate, frame_strip, lk_step, load_clips, load_run,
                              markdown_table, nearest_component, ratios, resolve_colours, summarise,
                              track_colour, track_patch, trajectory_error)
-from tora.moving_objects import (PALETTE, GeneratorConfig, held_out_clip, random_clip, render_clip,
-                                 write_random_clip)
+from tora.moving_objects import (BACKGROUNDS, PALETTE, GeneratorConfig, held_out_clip, random_clip,
+                                 read_ground_truth, render_clip, write_random_clip)
 from tora.tracking import LKParams, track_points_lk
 from tora.video_io import read_mp4, write_mp4
 
@@ -35,9 +35,9 @@ def load_eval_script():
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """Six training-style clips (1-3 objects, sub-pixel paths) written through the real writer."""
+    """Eight training-style clips (1-3 objects, sub-pixel paths) written through the real writer."""
     out = tmp_path_factory.mktemp("clips")
-    for index in range(6):
+    for index in range(8):
         write_random_clip(out, random_clip("train", 11, index, CFG), CFG)
     return out
 
@@ -144,7 +144,12 @@ def test_colour_from_frame_finds_the_same_palette_colours(clip_dir):
 # ----------------------------------------------------------------------------------------------
 
 def test_lk_tracker_error_is_bounded_on_synthetic_clips(clip_dir):
-    result = evaluate(load_clips(clip_dir), EvalConfig(tracker="lk"))
+    """On plain (flat or textured) backgrounds.  Outdoor scenes, where a strong static edge (the
+    horizon) crosses the LK window, make LK drift (docs/EVALUATION.md); the colour tracker is the
+    one for those."""
+    videos = [v for v in load_clips(clip_dir) if read_ground_truth(v.video)["background"]["name"] in BACKGROUNDS]
+    assert len(videos) >= 3
+    result = evaluate(videos, EvalConfig(tracker="lk"))
     assert result.summary["l2"] < 0.6 and max(s["l2"] for s in result.scores) < 2.0
     assert result.summary["found"] > 0.95
 
@@ -212,6 +217,7 @@ def test_eval_cli_zero_and_shifted_error_and_baseline(tmp_path, held_out_clips, 
     run = fake_run(tmp_path / "exact", held_out_clips)
     report = script.run(script.parse_args([str(run), "--tracker", "colour"]))
     assert report["summary"]["l2"] < 0.5 and report["summary"]["found"] == 1.0
+    assert report["trajectories"][0]["found_frames"] == [True] * 25
     assert json.loads((run / "trajerror_colour.json").read_text())["summary"]["l2"] == report["summary"]["l2"]
 
     # requested paths 3 px right and 4 px down of where the objects are: L1 7 px, L2 5 px
@@ -274,8 +280,9 @@ def test_trackers_tolerate_blur_and_noise():
     """Generated videos are softer than the renders: blur (sigma 1.5 px) and noise (sd 8) keep both
     trackers within a pixel."""
     rng = np.random.default_rng(0)
-    for index in range(2):
-        clip = random_clip("train", 3, index, CFG)
+    plain = [clip for clip in (random_clip("train", 3, index, CFG) for index in range(8))
+             if clip.background_name in BACKGROUNDS]  # LK on outdoor scenes: see the lk test above
+    for clip in plain[:2]:
         soft = np.stack([cv2.GaussianBlur(frame, (0, 0), 1.5) for frame in render_clip(clip)]).astype(float)
         frames = np.clip(soft + rng.normal(0, 8, soft.shape), 0, 255).astype(np.uint8)
         for sprite, truth in zip(clip.sprites, clip.centres):

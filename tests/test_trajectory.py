@@ -15,8 +15,8 @@ from PIL import Image
 from tora.config import TrajectoryConfig, load_config
 from tora.trajectory import (
     LINE_COLOURS, POINT_COLOUR, TrajectoryError, blur_flow, draw_trajectories, flow_to_rgb, gaussian_kernel,
-    load_motion_video, load_tracks, read_point_file, resample_official, resample_uniform, rgb_to_video,
-    sparse_flow, to_video_pixels, tracks_to_video)
+    load_motion_video, load_tracks, read_point_file, resample_official, resample_spread, resample_uniform,
+    rgb_to_video, sparse_flow, to_video_pixels, tracks_to_video)
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_TRAJS = REPO.parent / "shared" / "data" / "trajs"
@@ -287,3 +287,34 @@ def test_make_assets_reproduces_the_committed_files(tmp_path):
     for line in (tmp_path / "assets" / "i2v_prompts.txt").read_text().splitlines():
         prompt, image_name = line.split("@@")
         assert prompt and (tmp_path / "assets" / "images" / image_name).is_file()
+
+
+# -- long files are never cut short silently (issue 14, defect 3) ----------------------------------
+
+def test_default_resampling_keeps_the_whole_path_and_official_truncation_warns(tmp_path, caplog):
+    line = write(tmp_path, "".join(f"{x},10\n" for x in range(45)), "line45.txt")  # 45 points, 25 frames
+    whole = load_tracks([line], 25, (256, 256))[0]
+    assert whole[0].tolist() == [0, 10] and whole[-1].tolist() == [44, 10]  # first and last point
+    assert not caplog.records
+    cfg = load_config([], ["trajectory.resample=official"]).trajectory
+    official = load_tracks([line], 25, (256, 256), cfg)[0]
+    assert official[-1].tolist() == [24, 10]  # the official rule: the first 25 points only
+    assert (f"{line}: 45 points for 25 frames: trajectory.resample=official uses points 1-25 (step 1) "
+            f"and drops the last 20 points (45% of the path length)") in caplog.text
+
+
+def test_spread_equals_official_up_to_one_point_per_frame():
+    for n in (2, 5, 24, 25):
+        points = [(i, 2 * i) for i in range(n)]
+        assert resample_spread(points, 25) == resample_official(points, 25)
+    assert resample_spread([(i, 0) for i in range(50)], 25)[::8] == [(0, 0), (16, 0), (33, 0), (49, 0)]
+
+
+def test_point_file_with_bom_is_read_and_non_utf8_is_named(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf10,20\n30,40\n")
+    assert read_point_file(bom) == [(10, 20), (30, 40)]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"10,20\n30,40 \xb0\n")
+    with pytest.raises(ValueError, match=f"trajectory file {latin}, line 2: not UTF-8"):
+        read_point_file(latin)

@@ -5,6 +5,7 @@ Layouts accepted for ``--load PATH`` (the published download has no ``latest``, 
     PATH/latest + PATH/<iteration>/mp_rank_00_model_states.pt     (SAT training output)
     PATH/mp_rank_00_model_states.pt                               (published Tora weights)
     PATH  (the .pt file itself)
+    PATH/transformer/ or PATH = config.json + *.safetensors        (diffusers format, tora.diffusers_format)
 
 The file is ``torch.save({"module": state_dict, ...})``; DiT keys carry ``model.diffusion_model.``.
 Loading is strict: missing or unexpected keys fail with a grouped list, except the documented dead
@@ -13,15 +14,19 @@ or derivable entries in :data:`OPTIONAL_KEYS`.  Files are read with ``weights_on
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
-import tempfile
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 from .errors import ToraError
+from .files import atomic_path, atomic_write_text  # noqa: F401 (atomic_write_text: re-exported)
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 DIT_PREFIX = "model.diffusion_model."
@@ -45,7 +50,8 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
-    """Return (model file, iteration or None) for any of the accepted layouts."""
+    """Return (model file, iteration or None) for any of the accepted layouts; for a diffusers folder
+    (:mod:`tora.diffusers_format`) the transformer folder itself and None."""
     path = Path(path)
     if path.is_file():
         return path, _iteration_of(path.parent)
@@ -62,7 +68,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
     direct = path / MODEL_FILE
     if direct.is_file():
         return direct, _iteration_of(path)
-    raise CheckpointError(f"no checkpoint in {path}: expected '{path / 'latest'}' or '{direct}'")
+    from .diffusers_format import find_transformer_dir
+    diffusers_dir = find_transformer_dir(path)
+    if diffusers_dir is not None:
+        return diffusers_dir, None
+    raise CheckpointError(f"no checkpoint in {path}: expected '{path / 'latest'}' or '{direct}' (SAT), or a "
+                          f"diffusers folder ('config.json' + '*.safetensors', or a 'transformer/' subfolder "
+                          f"with them)")
 
 
 def _iteration_of(folder: Path) -> int | None:
@@ -72,17 +84,33 @@ def _iteration_of(folder: Path) -> int | None:
 def load_state_dict(file: str | os.PathLike, entry: str = "module") -> dict[str, torch.Tensor]:
     """Tensors of a SAT container (``{"module": state_dict}``) or of a plain state dict."""
     file = Path(file)
-    try:
-        data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip archive (legacy format): mmap unsupported
-        data = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {file}: {err}") from None
+    data = _read_container(file)
     if isinstance(data, dict) and entry in data and isinstance(data[entry], dict):
         data = data[entry]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{file} does not hold a state dict (nor a '{entry}' entry with one)")
     return data
+
+
+def _read_container(file: Path):
+    """``torch.load`` with errors that name the file: empty, truncated (a zip without its directory,
+    what an interrupted save or download leaves) or otherwise unreadable."""
+    size = file.stat().st_size
+    damaged = "an interrupted save or download leaves this; save or download it again"
+    if size == 0:
+        raise CheckpointError(f"checkpoint {file} is empty (0 bytes): {damaged}")
+    if zipfile.is_zipfile(file):  # torch.save's format: memory-mapped, tensors read on demand
+        loader = dict(mmap=True)
+    else:  # the legacy pickle format, or a zip archive cut short
+        loader = {}
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, **loader)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not loader:
+            raise CheckpointError(f"checkpoint {file} ({size} bytes) is truncated or not a PyTorch "
+                                  f"checkpoint ({damaged}): {reason}") from None
+        raise CheckpointError(f"cannot read checkpoint {file} ({size} bytes): {reason}") from None
 
 
 def _group(keys: list[str], limit: int = 4) -> str:
@@ -103,11 +131,17 @@ def _natural(key: str):
 
 def check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str,
                optional=OPTIONAL_KEYS, strict: bool = True) -> list[str]:
-    """Compare key sets and shapes; raise CheckpointError (strict) or return warnings."""
-    missing = [k for k in expected if k not in found and not k.endswith(tuple(optional))]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"    {k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in found and found[k].shape != expected[k].shape]
+    """Compare key sets and shapes; raise CheckpointError (strict) or return warnings.
+
+    A lazy ``found`` mapping (a diffusers folder seen under SAT keys) may provide ``shape_of(key)`` (no
+    tensor is read) and ``source_name(key)`` (the problems are then listed under the folder's own names).
+    """
+    shape_of = getattr(found, "shape_of", lambda k: found[k].shape)
+    name = getattr(found, "source_name", lambda k: k)
+    missing = [name(k) for k in expected if k not in found and not k.endswith(tuple(optional))]
+    unexpected = [name(k) for k in found if k not in expected]
+    shapes = [f"    {name(k)}: checkpoint {tuple(shape_of(k))} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in found and shape_of(k) != expected[k].shape]
     problems = []
     if missing:
         problems.append(f"  missing {len(missing)} key(s):\n{_group(missing)}")
@@ -128,6 +162,9 @@ def read_dit_state(path: str | os.PathLike, prefix: str = DIT_PREFIX):
     keys lack the prefix entirely is taken as a bare DiT state dict.
     """
     file, iteration = resolve_checkpoint(path)
+    if file.is_dir():  # a diffusers folder (see resolve_checkpoint): SAT keys, read lazily
+        from .diffusers_format import read_sat_state
+        return (*read_sat_state(file), None)
     state = load_state_dict(file)
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -147,6 +184,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     """Copy ``state`` into ``model`` after checking keys; entries starting with ``exclude`` are left alone
     (neither expected nor loaded)."""
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(exclude)}
+    state = drop_resized_optional(expected, state, source)
     check_keys(expected, state, source, strict=strict)
     with torch.no_grad():
         for key, target in expected.items():
@@ -154,6 +192,18 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
                 target.copy_(state[key])
     if not any(k.endswith("freqs_cos") for k in state):
         reset_derived_buffers(model)
+
+
+def drop_resized_optional(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,
+                          optional=OPTIONAL_KEYS) -> dict[str, torch.Tensor]:
+    """Leave out the :data:`OPTIONAL_KEYS` whose shape differs from the model's: tables of another
+    resolution or frame count (the rotary tables are then recomputed from the config)."""
+    resized = [k for k, v in state.items() if k.endswith(tuple(optional)) and k in expected
+               and v.shape != expected[k].shape]
+    if resized:
+        logger.info("%s: %s made for another resolution or frame count; recomputed or unused",
+                    source, ", ".join(resized))
+    return {k: v for k, v in state.items() if k not in resized}
 
 
 def reset_derived_buffers(model: torch.nn.Module) -> None:
@@ -167,8 +217,8 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], folder: str | os.PathLi
                     extra: dict | None = None, prefix: str = DIT_PREFIX) -> Path:
     """Write ``folder/<iteration>/mp_rank_00_model_states.pt`` and ``folder/latest`` atomically.
 
-    Each file goes to a temporary name in the same folder first and is renamed into place, so a crash
-    leaves the previous checkpoint (and ``latest``) intact.
+    Each file goes to a temporary name in the same folder first, is fsynced and renamed into place
+    (mode 0666 minus the umask), so a crash leaves the previous checkpoint (and ``latest``) intact.
     """
     folder = Path(folder)
     target_dir = folder / str(iteration)
@@ -182,20 +232,9 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], folder: str | os.PathLi
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        torch.save(obj, tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-        tmp_path = Path(tmp.name)
-    os.replace(tmp_path, path)
+    """``torch.save`` through a staged temporary: fsynced, umask-respecting, renamed (tora.files)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # ----------------------------------------------------------------------------------------------

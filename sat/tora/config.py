@@ -344,9 +344,11 @@ class TrajectoryConfig:
     blur_sigma: float = 10.0
     # Points outside the canvas: "error" (default) or "clamp" (with a warning).
     out_of_canvas: str = "error"
-    # "official": >F points are sub-sampled then truncated, equal points per segment;
-    # "uniform": resample at constant speed along the path.
-    resample: str = "official"
+    # Point files -> one point per frame.  "spread": <=F points as officially (equal points per
+    # segment), >F points sub-sampled evenly over the whole file; "official": the official rule,
+    # which truncates files of >F points (F < n < 2F: only the first F used; warned);
+    # "uniform": constant speed along the path.
+    resample: str = "spread"
     # Border of the blur: "reflect101" = cv2.filter2D as in official sampling; the official
     # training blurred with "zeros" (OFFICIAL_QUIRKS.md#blur-and-colour-mismatch).
     blur_border: str = "reflect101"
@@ -576,7 +578,7 @@ CHOICES = {
     "acceleration.sdpa_backend": ["auto", "cudnn", "flash", "efficient", "math"],
     "args.input_type": ["txt", "cli"],
     "args.image_resize": ["stretch", "crop"],
-    "trajectory.resample": ["official", "uniform"],
+    "trajectory.resample": ["spread", "official", "uniform"],
     "trajectory.blur_border": ["reflect101", "zeros"],
     "motion_from_video.raft_model": ["raft_large", "raft_small"],
     "motion_from_video.stage": ["dense", "sparse", "none"],
@@ -672,15 +674,32 @@ def _describe(err: OmegaConfBaseException, source: str) -> str:
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")  # a command-line token key.path=value
+KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.\w+)+$")  # a token that looks like key.path without '=value'
 
 
 def parse_cli(parser, argv=None):
     """``parser.parse_args`` where ``key=value`` config overrides may stand anywhere on the line (also
-    after a list flag such as ``--point_path a.txt b.txt``); they end up in ``options.overrides``."""
+    after a list flag such as ``--point_path a.txt b.txt``); they end up in ``options.overrides``.
+
+    Any other stray token (``args.seed 99``, a file after the wrong flag) is an error naming it:
+    dropping it would run with a setting the user did not ask for.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     options = parser.parse_args([t for t in argv if not OVERRIDE.match(t)])
+    stray = list(getattr(options, "overrides", None) or [])
+    if stray:
+        parser.error(_stray_token_message(stray))
     options.overrides = [t for t in argv if OVERRIDE.match(t)]
     return options
+
+
+def _stray_token_message(stray: list[str]) -> str:
+    token = stray[0]
+    message = (f"unexpected argument {token!r}: config overrides are written key=value (e.g. args.seed=99) "
+               f"and a flag's values follow the flag directly (e.g. --point_path a.txt b.txt)")
+    if KEY_PATH.match(token) and len(stray) > 1:
+        message += f"; did you mean '{token}={stray[1]}'?"
+    return message
 
 
 def schema() -> DictConfig:

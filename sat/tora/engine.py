@@ -275,12 +275,16 @@ class ToraEngine:
                  image: Optional[torch.Tensor] = None, seed: int = 0, num_frames: Optional[int] = None,
                  context: Optional[torch.Tensor] = None, noise_fn: Optional[NoiseFn] = None,
                  progress: Optional[Callable[[int], None]] = None, record: Optional[dict] = None,
-                 decode_spans: Optional[list] = None) -> Generation:
+                 decode_spans: Optional[list] = None,
+                 stage: Optional[Callable[[str], None]] = None) -> Generation:
         """One video from ``prompt`` (or a precomputed T5 ``context`` [1, L, D]).
 
         ``image`` (I2V): first frame [1, 3, H, W] in [-1, 1] at the video size.  ``noise_fn`` overrides
         the seeded Gaussian source (used to replay recorded draws); ``record`` receives intermediates.
+        ``progress(step)`` is called after every sampler step, ``stage(name)`` as "denoising" and
+        "decoding" begin (progress bars).
         """
+        stage = stage or (lambda _name: None)
         latent_frames = self.max_latent_frames if num_frames is None else self.latent_frames_for(num_frames)
         num_frames = (latent_frames - 1) * self.time_compression + 1
         if noise_fn is None:
@@ -302,7 +306,9 @@ class ToraEngine:
             if record is not None:
                 record.update(points=tracks, flow_image=motion_video.flow_image, video_flow_latent=motion)
         x_T = noise_fn(torch.empty(1, latent_frames, 16, *self.latent_size_hw, device=self.device))
+        stage("denoising")
         latents = self.sample_latents(context, x_T, noise_fn, motion, concat, progress, record)
+        stage("decoding")
         video = self.decode(latents, decode_spans)
         if record is not None:
             record["decoded"] = video

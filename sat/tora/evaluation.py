@@ -11,8 +11,9 @@ tracked in the generated video from its first point by one tracker:
 - ``colour``: the object's colour (from the caption, or read at the first point in frame 0; see
   ``resolve_colours``) is masked by an RGB distance threshold; each frame takes the connected
   component nearest to the previous position, its centroid is the position ("found" when there is
-  one).  Exact on the synthetic clips of ``tora.moving_objects``.
-- ``lk``: a small grid of points around the current position is tracked to the next frame with
+  one).  Within a pixel of the ground truth on the synthetic clips of ``tora.moving_objects``.
+- ``lk``: a small grid of points (sized for a 96 px short side, scaled with the video) around the
+  current position is tracked to the next frame with
   ``tora.tracking.track_points_lk`` (pyramidal Lucas-Kanade, forward-backward check); the position
   moves by the median displacement of the points that pass ("found" when one does).  The grid is
   laid anew every frame, so the tracker never runs out of points.  No weights; any video.
@@ -23,13 +24,13 @@ a lost object still counts its error.  Per trajectory: TrajError L1 = mean over 
 |dx| + |dy| (px), L2 = mean end-point error (px), both also in % of the frame diagonal, the share of
 frames found, and the per-frame L2 curve.  Videos average their trajectories; a run averages all
 trajectories.  The baseline is the same prompts and seeds sampled without motion conditioning
-(``--no_flow_injection``), scored against the motion run's requested trajectories.
+(``sample_video.py --no-flow-injection``), scored against the motion run's requested trajectories.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -90,6 +91,9 @@ class EvalConfig:
     patch: PatchParams = field(default_factory=PatchParams)
     lk: LKParams = field(default_factory=lambda: LKParams(window_size=21))
     raft: RaftParams = field(default_factory=RaftParams)
+    # The patch and the LK window are sized for a video whose short side is this many px; other
+    # videos scale them with their short side (objects scale with the frame).
+    reference_side: int = 96
 
     def check(self) -> None:
         if self.tracker not in TRACKERS:
@@ -98,6 +102,8 @@ class EvalConfig:
             raise EvaluationError(f"unknown colour source {self.colour.colour_from!r}; choose one of {COLOUR_SOURCES}")
         if self.patch.radius < 0 or self.patch.spacing <= 0:
             raise EvaluationError(f"patch radius must be >= 0 and spacing > 0, got {self.patch}")
+        if self.reference_side < 1:
+            raise EvaluationError(f"reference_side must be >= 1, got {self.reference_side}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +391,7 @@ def ratios(motion: dict, baseline: dict) -> dict:
 @dataclass
 class Result:
     """``scores``: one dict per trajectory (trajectory_error + video, index, num_objects, tracked
-    [F, 2], colour); ``colours``: per video name the colours used (reuse for the baseline)."""
+    [F, 2], found_frames [F], colour); ``colours``: per video name the colours used (reuse for the baseline)."""
     scores: list[dict]
     summary: dict
     colours: dict[str, list[TargetColour]]
@@ -396,8 +402,14 @@ def track_video(video: SampleVideo, frames: np.ndarray, cfg: EvalConfig,
     """(positions [F, 2], found [F]) per requested trajectory of one video."""
     if cfg.tracker == "colour":
         return [track_colour(frames, track[0], colour, cfg.colour) for track, colour in zip(video.requested, colours)]
-    step = lk_step(frames, cfg.lk) if cfg.tracker == "lk" else raft_step(frames, cfg.raft)
-    return [track_patch(len(frames), track[0], step, cfg.patch) for track in video.requested]
+    scale = min(frames.shape[1:3]) / cfg.reference_side
+    patch = replace(cfg.patch, radius=cfg.patch.radius * scale, spacing=cfg.patch.spacing * scale)
+    if cfg.tracker == "lk":
+        window = max(3, int(round(cfg.lk.window_size * scale)) // 2 * 2 + 1)  # odd
+        step = lk_step(frames, replace(cfg.lk, window_size=window))
+    else:
+        step = raft_step(frames, cfg.raft)
+    return [track_patch(len(frames), track[0], step, patch) for track in video.requested]
 
 
 def evaluate(videos: Sequence[SampleVideo], cfg: EvalConfig,
@@ -413,7 +425,7 @@ def evaluate(videos: Sequence[SampleVideo], cfg: EvalConfig,
         for index, (positions, found) in enumerate(track_video(video, frames, cfg, used.get(video.name))):
             score = trajectory_error(video.requested[index], positions, found, frames.shape[1:3])
             score.update(video=video.name, index=index, num_objects=len(video.requested),
-                         tracked=positions.tolist(),
+                         tracked=positions.tolist(), found_frames=found.tolist(),
                          colour=asdict(used[video.name][index]) if video.name in used else None)
             scores.append(score)
     return Result(scores, summarise(scores), used)

@@ -1,165 +1,51 @@
 """The sampling run behind ``sat/sample_video.py``: prompts in, videos out, split over ranks.
 
-Prompt files: one prompt per line (blank lines and lines starting with '#' are skipped); for
-image-to-video ``prompt@@image_name`` with the image looked up in ``args.img_dir``.  Case files
-(``.jsonl``, :func:`read_case_file`) give each prompt its own trajectory files (and image).  Prompt k (0-based,
-counting prompts, not lines) goes to rank k mod world_size (with CFG parallel: to rank pair k mod
-world_size/2) and uses seed ``args.seed + k``, so a result does not depend on how many GPUs made it.
+Every input (prompts and their images, trajectory files, frame count, resolution, weight paths, output
+folder) is checked before a model is built (``tora.preflight``).  Case files (``.jsonl``,
+``tora.prompts.read_case_file``) give each prompt its own trajectory files (and image).  Prompt k
+(0-based, counting prompts, not lines; see ``tora.prompts``) goes to rank k mod world_size (with CFG
+parallel: to rank pair k mod world_size/2) and uses seed ``args.seed + k``, so a result does not depend on how many GPUs made it.
 
 Per sample, under ``args.output_dir`` (never overwriting: an existing name gets a ``-1``, ``-2`` ... suffix):
 
     video/<name>.mp4        the video (libx264)
+    video/<name>.json       what made it: resolved config, checkpoint, image, trajectory points, seed, versions
     traj_video/<name>.mp4   the same video with the trajectories drawn over it
     traj/<name>.json        the per-frame trajectory points (video pixels) and the files they came from
     prompt/<name>.txt       the prompt
     latents/<name>.safetensors  the sampled latents, with ``args.save_latents``
+
+A sample's files are written to temporary names and renamed together at the end (``tora.files``): a
+failure (a full disk, an encoder error) leaves none of them, half-written or alone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import platform
 import re
+import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
-from PIL import Image
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .errors import ToraError
 from . import runtime
 from .engine import ToraEngine
-from .video_io import write_mp4
+from .files import StagedFiles
+from .preflight import SamplingInputs, check_sampling_inputs, image_folder
+from .prompts import PromptError, PromptSpec, load_image, prompts_from_stdin, read_prompt_file  # noqa: F401
+from .video_io import encode_mp4
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SEPARATOR = "@@"
-
-
-class PromptError(ToraError, ValueError):
-    pass
-
-
-@dataclass
-class PromptSpec:
-    index: int  # 0-based prompt number (seed offset, output name)
-    text: str
-    image_path: Optional[Path] = None
-    source: str = ""  # "file:line" for messages
-    point_paths: Optional[list[str]] = None  # this prompt's trajectory files (case files); None: --point_path
-
-
-def parse_prompt(line: str, index: int, source: str, image2video: bool, img_dir: Optional[Path]) -> PromptSpec:
-    text = line.strip()
-    if not image2video:
-        return PromptSpec(index, text, None, source)
-    if IMAGE_SEPARATOR not in text:
-        raise PromptError(f"{source}: image-to-video prompts must look like 'prompt{IMAGE_SEPARATOR}image_name', "
-                          f"got {text!r}")
-    text, image_name = (part.strip() for part in text.rsplit(IMAGE_SEPARATOR, 1))
-    image_path = (img_dir or Path(".")) / image_name
-    if not image_name or not image_path.is_file():
-        raise PromptError(f"{source}: image not found: {image_path} (set --img_dir to the folder holding it)")
-    return PromptSpec(index, text, image_path, source)
-
-
-def read_prompt_file(path: Path, image2video: bool, img_dir: Optional[Path]) -> list[PromptSpec]:
-    if not path.is_file():
-        raise PromptError(f"prompt file not found: {path}")
-    specs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            specs.append(parse_prompt(line, len(specs), f"{path}:{number}", image2video, img_dir))
-    if not specs:
-        raise PromptError(f"{path} holds no prompt (one prompt per line)")
-    return specs
-
-
-def read_case_file(path: Path, image2video: bool) -> list[PromptSpec]:
-    """A case file (``.jsonl``): one JSON object per line, each a prompt with its own trajectories,
-    ``{"prompt": "...", "point_path": ["a.txt", ...], "image": "first.png"}`` (``image`` for
-    image-to-video only; ``point_path`` may be empty).  Relative paths are relative to the file's
-    folder.  For evaluation sets and batches of different trajectories in one run."""
-    if not path.is_file():
-        raise PromptError(f"case file not found: {path}")
-    specs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        source = f"{path}:{number}"
-        try:
-            case = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromptError(f"{source}: not a JSON object ({err.msg})") from None
-        if not isinstance(case, dict) or not isinstance(case.get("prompt"), str):
-            raise PromptError(f"{source}: each line needs a \"prompt\" string")
-        unknown = set(case) - {"prompt", "point_path", "image"}
-        if unknown:
-            raise PromptError(f"{source}: unknown field(s) {sorted(unknown)} (known: prompt, point_path, image)")
-        points = case.get("point_path", [])
-        if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
-            raise PromptError(f"{source}: \"point_path\" must be a list of file names")
-        points = [str(path.parent / p) for p in points]
-        for point_file in points:
-            if not Path(point_file).is_file():
-                raise PromptError(f"{source}: trajectory file not found: {point_file}")
-        image = None
-        if image2video:
-            if not isinstance(case.get("image"), str):
-                raise PromptError(f"{source}: image-to-video cases need an \"image\"")
-            image = path.parent / case["image"]
-            if not image.is_file():
-                raise PromptError(f"{source}: image not found: {image}")
-        specs.append(PromptSpec(len(specs), case["prompt"].strip(), image, source, points))
-    if not specs:
-        raise PromptError(f"{path} holds no case (one JSON object per line)")
-    return specs
-
-
-def prompts_from_stdin(image2video: bool, img_dir: Optional[Path]) -> Iterator[PromptSpec]:
-    """Interactive prompts (``--input-type cli``): rank 0 reads, every rank receives the same lines."""
-    index = 0
-    while True:
-        line = None
-        if runtime.is_main_process():
-            if sys.stdin.isatty():
-                print("prompt (empty line or Ctrl-D to finish)> ", end="", flush=True)
-            line = sys.stdin.readline()
-        if runtime.world_size() > 1:
-            holder = [line]
-            torch.distributed.broadcast_object_list(holder, src=0)
-            line = holder[0]
-        if not line or not line.strip():
-            return
-        try:
-            yield parse_prompt(line, index, f"stdin line {index + 1}", image2video, img_dir)
-        except PromptError as err:  # a typo should not end an interactive session
-            logger.error("%s", err)
-            continue
-        index += 1
-
-
-def load_image(path: Path, size_hw: tuple[int, int], resize: str = "stretch") -> torch.Tensor:
-    """RGB image -> [1, 3, H, W] in [-1, 1] at the video size (official: bicubic stretch)."""
-    try:
-        image = Image.open(path).convert("RGB")
-    except Exception as err:
-        raise PromptError(f"cannot read image {path}: {err}") from None
-    height, width = size_hw
-    if resize == "crop":  # cover the target, then centre crop: keeps the aspect ratio
-        scale = max(width / image.width, height / image.height)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-        left, top = (image.width - width) // 2, (image.height - height) // 2
-        image = image.crop((left, top, left + width, top + height))
-    else:
-        image = image.resize((width, height), Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
-    return (pixels * 2 - 1)[None]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,35 +59,149 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 class OutputWriter:
-    SUBDIRS = {"video": ".mp4", "traj_video": ".mp4", "traj": ".json", "prompt": ".txt", "latents": ".safetensors"}
+    # (folder, suffix) of every file a sample may have; a name is free when none of them exists
+    OUTPUTS = (("video", ".mp4"), ("video", ".json"), ("traj_video", ".mp4"), ("traj", ".json"),
+               ("prompt", ".txt"), ("latents", ".safetensors"))
 
     def __init__(self, root: Path, fps: int, crf: int, save_latents: bool = False):
         self.root, self.fps, self.crf, self.save_latents = root, fps, crf, save_latents
-        for sub in self.SUBDIRS:
-            if sub != "latents" or save_latents:  # no empty latents/ folder in every output
-                (root / sub).mkdir(parents=True, exist_ok=True)
+        for sub in self.folders(save_latents):
+            (root / sub).mkdir(parents=True, exist_ok=True)
 
-    def free_name(self, base: str) -> str:
-        """``base`` or ``base-1``, ``base-2`` ...: the first name no output file uses yet."""
-        name, n = base, 0
-        while any((self.root / sub / f"{name}{ext}").exists() for sub, ext in self.SUBDIRS.items()):
-            n += 1
-            name = f"{base}-{n}"
-        return name
+    @classmethod
+    def folders(cls, save_latents: bool) -> tuple[str, ...]:
+        """The output folders (no empty latents/ folder unless latents are saved)."""
+        return tuple(dict.fromkeys(sub for sub, _ in cls.OUTPUTS if sub != "latents" or save_latents))
 
-    def write(self, spec: PromptSpec, seed: int, generation, trajectory_files: list[str]) -> Path:
-        name = self.free_name(f"{spec.index:04d}_{slug(spec.text)}_seed{seed}")
-        (self.root / "prompt" / f"{name}.txt").write_text(spec.text + "\n")
-        if self.save_latents:  # sampler latents [1, T, 16, h, w] (scaled): decode later or compare runs
-            save_file({"latents": generation.latents.contiguous().cpu()},
-                      str(self.root / "latents" / f"{name}.safetensors"))
-        write_mp4(self.root / "video" / f"{name}.mp4", generation.frames, self.fps, self.crf)
-        if generation.tracks is not None:
-            write_mp4(self.root / "traj_video" / f"{name}.mp4", generation.overlay(), self.fps, self.crf)
-            points = {"files": trajectory_files, "video_size_hw": list(generation.frames.shape[1:3]),
-                      "points_xy": generation.tracks.tolist()}
-            (self.root / "traj" / f"{name}.json").write_text(json.dumps(points))
+    def taken(self, name: str) -> bool:
+        return any((self.root / sub / f"{name}{ext}").exists() for sub, ext in self.OUTPUTS)
+
+    def write(self, spec: PromptSpec, seed: int, generation, trajectory_files: list[str],
+              record: dict) -> Path:
+        """Stage every file of one sample, then give them the first free name together."""
+        base = f"{spec.index:04d}_{slug(spec.text)}_seed{seed}"
+        with StagedFiles() as staged:
+            def stage(sub: str, ext: str) -> Path:
+                return staged.path(self.root / sub / f"{base}{ext}")
+
+            stage("prompt", ".txt").write_text(spec.text + "\n", encoding="utf-8")
+            if self.save_latents:  # sampler latents [1, T, 16, h, w] (scaled): decode later or compare runs
+                save_file({"latents": generation.latents.contiguous().cpu()}, str(stage("latents", ".safetensors")))
+            encode_mp4(stage("video", ".mp4"), generation.frames, self.fps, self.crf)
+            if generation.tracks is not None:
+                encode_mp4(stage("traj_video", ".mp4"), generation.overlay(), self.fps, self.crf)
+                points = {"files": trajectory_files, "video_size_hw": list(generation.frames.shape[1:3]),
+                          "points_xy": generation.tracks.tolist()}
+                stage("traj", ".json").write_text(json.dumps(points))
+            stage("video", ".json").write_text(json.dumps(record, indent=1))
+            name = self.claim(staged, base)
         return self.root / "video" / f"{name}.mp4"
+
+    def claim(self, staged: StagedFiles, base: str) -> str:
+        """Rename the staged files to ``base`` or ``base-1``, ``base-2`` ...: the first name no output
+        uses yet.  Exclusive: a sampler writing into the same folder at the same moment never loses
+        its files to ours (a clash moves on to the next name)."""
+        places = [(final.parent, final.name[len(base):]) for final in staged.finals()]  # (folder, suffix)
+        n = 0
+        while True:
+            name = base if n == 0 else f"{base}-{n}"
+            if not self.taken(name):
+                staged.retarget([folder / f"{name}{suffix}" for folder, suffix in places])
+                try:
+                    staged.commit(exclusive=True)
+                    return name
+                except FileExistsError:
+                    pass
+            n += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# What made a sample
+# ----------------------------------------------------------------------------------------------
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit() -> Optional[dict]:
+    """The project's commit (and whether the tree had changes), or None outside a git checkout."""
+    def git(*command):
+        return subprocess.run(["git", "-C", str(REPO), *command], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": head.stdout.strip(), "uncommitted_changes": dirty}
+
+
+def run_record(cfg: DictConfig, inputs: SamplingInputs) -> dict:
+    """The per-run part of every sample's record (computed once)."""
+    import diffusers
+    import transformers
+    checkpoint = None
+    if inputs.checkpoint is not None:
+        checkpoint = {"load": cfg.args.load, "file": str(inputs.checkpoint.resolve()),
+                      "iteration": inputs.iteration, "bytes": inputs.checkpoint.stat().st_size}
+    return {
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "checkpoint": checkpoint,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                     "tora": git_commit()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def sample_record(run: dict, inputs: SamplingInputs, spec: PromptSpec, seed: int, files: list[str],
+                  generation) -> dict:
+    trajectories = [{"file": str(Path(path).resolve()), "sha256": sha256(Path(path)),
+                     "points_xy_canvas": [list(p) for p in inputs.trajectory_points[path]]} for path in files]
+    image = None
+    if spec.image_path is not None:
+        image = {"file": str(spec.image_path.resolve()), "sha256": sha256(spec.image_path)}
+    frames, height, width, _ = generation.frames.shape
+    return {"prompt": spec.text, "prompt_number": spec.index, "prompt_source": spec.source, "seed": seed,
+            "image": image, "frames": frames, "video_size_hw": [height, width], "trajectories": trajectories,
+            **run}
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------
+
+class SampleProgress:
+    """One bar per prompt, from the first denoising step to the written files:
+    ``prompt 2 of 5:  6%|#  | 3/52 [00:04<01:10, denoising]``: 50 steps, then decoding, then writing."""
+
+    def __init__(self, spec: PromptSpec, total_prompts: Optional[int], num_steps: int, enabled: bool):
+        self.desc = f"prompt {spec.index + 1}" + (f" of {total_prompts}" if total_prompts else "")
+        self.num_steps, self.enabled, self.bar = num_steps, enabled, None
+
+    def stage(self, name: str) -> None:
+        if self.bar is None:  # starts with the denoising loop: prompt/image/motion encoding is not a step
+            self.bar = tqdm(total=self.num_steps + 2, desc=self.desc, unit="step", postfix=name,
+                            disable=not self.enabled)
+            return
+        if name != "denoising":
+            self.bar.n = max(self.bar.n, self.num_steps + (name == "writing"))
+        self.bar.set_postfix_str(name)
+
+    def step(self, _index: int) -> None:
+        self.bar.update()
+
+    def close(self, outcome: str) -> None:
+        if self.bar is not None:
+            if outcome == "done":
+                self.bar.n = self.bar.total
+            self.bar.set_postfix_str(outcome)
+            self.bar.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,43 +217,43 @@ def resolve_dtype(args: DictConfig, device: torch.device) -> torch.dtype:
 def run_sampling(cfg: DictConfig) -> list[Path]:
     """Sample every prompt of this rank; returns the written video paths."""
     args = cfg.args
-    if args.input_type == "txt" and not args.input_file:
-        raise PromptError("no prompts: pass --input-file FILE (or --input-type cli)")
-    img_dir = Path(args.img_dir) if args.img_dir else (Path(args.input_file).parent if args.input_file else None)
-    if args.input_type == "txt" and Path(args.input_file).suffix == ".jsonl":
-        specs = iter(read_case_file(Path(args.input_file), args.image2video))
-    elif args.input_type == "txt":
-        specs = iter(read_prompt_file(Path(args.input_file), args.image2video, img_dir))
-    else:
-        specs = prompts_from_stdin(args.image2video, img_dir)
-    trajectory_files = [] if args.no_flow_injection else list(args.point_path)
+    # before any model is built: bad input fails in seconds, not after minutes of loading
+    inputs = check_sampling_inputs(cfg, OutputWriter.folders(args.save_latents))
+    specs = inputs.prompts if inputs.prompts is not None else prompts_from_stdin(args.image2video,
+                                                                                 image_folder(args))
     device = runtime.pick_device(args.device)
     engine = ToraEngine.from_config(cfg, args.load, device=str(device), dtype=resolve_dtype(args, device),
                                     offload=args.offload)
-    num_frames = None
-    if args.sampling_num_frames:
-        num_frames = (args.sampling_num_frames - 1) * engine.time_compression + 1
     writer = OutputWriter(Path(args.output_dir), args.sampling_fps, args.video_crf, args.save_latents)
+    run = run_record(cfg, inputs)
     rank = runtime.rank()
     # Prompts are split over workers: single ranks, or rank pairs sharing one video (CFG parallel).
     worker, workers, writes = rank, runtime.world_size(), True
     if engine.cfg_group is not None:
         _, half, worker, workers = engine.cfg_group
         writes = half == 0
+    total = len(inputs.prompts) if inputs.prompts is not None else None
     written = []
     for spec in specs:
         if spec.index % workers != worker:
             continue
         seed = args.seed + spec.index
-        files = trajectory_files if spec.point_paths is None or args.no_flow_injection else spec.point_paths
         image = load_image(spec.image_path, engine.video_size_hw, args.image_resize) if spec.image_path else None
         logger.info("[rank %d] prompt %d (seed %d): %s", rank, spec.index, seed, spec.text)
-        with tqdm(total=engine.sampler.num_steps, desc=f"prompt {spec.index}", disable=rank != 0,
-                  leave=False) as bar:
+        files = inputs.trajectory_files if spec.point_paths is None or args.no_flow_injection else spec.point_paths
+        progress = SampleProgress(spec, total, engine.sampler.num_steps, enabled=rank == 0)
+        try:
             generation = engine.generate(spec.text, files, image=image, seed=seed,
-                                         num_frames=num_frames, progress=lambda _: bar.update())
+                                         num_frames=inputs.num_frames, progress=progress.step,
+                                         stage=progress.stage)
+            if writes:
+                progress.stage("writing")
+                written.append(writer.write(spec, seed, generation, files,
+                                            sample_record(run, inputs, spec, seed, files, generation)))
+        except BaseException:
+            progress.close("failed")
+            raise
+        progress.close("done")
         if writes:
-            path = writer.write(spec, seed, generation, files)
-            logger.info("[rank %d] wrote %s", rank, path)
-            written.append(path)
+            logger.info("[rank %d] wrote %s", rank, written[-1])
     return written

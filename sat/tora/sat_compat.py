@@ -8,7 +8,7 @@ SAT's activation checkpointing is DeepSpeed's, which must be configured and seed
 * DeepSpeed needs ``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT`` even for one process
   (otherwise ``mpi_discovery`` -> "No module named 'mpi4py'"): :func:`single_process_env`.
 * DeepSpeed picks its accelerator at import and warns "Setting accelerator to CPU"; naming it
-  (``DS_ACCELERATOR=cpu``) before the first import keeps the log quiet (:func:`before_import`).
+  (``DS_ACCELERATOR=cpu``) before the first import keeps the log quiet (``tora.logs``).
 * DeepSpeed JIT-compiles a shared-memory op with g++ in every ``init_distributed`` on CPU (~70 s);
   gloo does not use it: :func:`prepare_process` turns it off.
 
@@ -22,6 +22,8 @@ import os
 import socket
 
 import torch
+
+from .logs import quiet_libraries
 
 THIRD_PARTY_LOGGERS = ("sat", "DeepSpeed")  # their INFO lines go below the default level
 
@@ -41,18 +43,10 @@ def single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def before_import() -> None:
-    """Settings SAT and DeepSpeed read when first imported: SAT's log level (its INFO lines, e.g.
-    "initializing model parallel", below the default) and, without a GPU, DeepSpeed's accelerator."""
-    os.environ.setdefault("SAT_LOGLEVEL", "WARNING")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def prepare_process() -> None:
     """Process-wide settings before DeepSpeed starts (idempotent)."""
     single_process_env()
-    before_import()
+    quiet_libraries()  # DeepSpeed's accelerator and SAT's log level, in case they are not imported yet
     if torch.cuda.is_available():
         return
     # deepspeed.comm builds this op in every init_distributed; gloo does not use it.  The module

@@ -21,8 +21,13 @@ Blank (whitespace-only) lines are skipped wherever they are - a file is a sequen
 blank line carries none - and error messages count physical lines, blank ones included.  At least 2
 points are needed (the official code substituted an off-canvas (512, 512) and crashed later).
 
-Official numerics reproduced (spec 1.4-1.6, golden "Trajectory rules"): sub-sampling and
-*truncation* of long files, integer-truncated interpolation with an equal number of points per
+Resampling to F frames (``trajectory.resample``): "spread" (the default) follows the official rule
+but sub-samples a file with more than F points evenly over its whole length; "official" is the
+official rule, which *truncates* such files (F < n < 2F points: only the first F are used; a warning
+gives the numbers); "uniform" moves at constant speed along the path.
+
+Official numerics reproduced with ``resample: official`` (spec 1.4-1.6, golden "Trajectory rules"):
+sub-sampling and *truncation* of long files, integer-truncated interpolation with an equal number of points per
 segment, ``int()`` scaling to pixels, displacement written into frame i+1 at the position of frame
 i, a 99 x 99 sigma-10 Gaussian normalised to centre 1 applied with ``cv2.filter2D`` semantics
 (correlation, reflect-101 border repeated when the kernel is larger than the frame), and
@@ -44,6 +49,7 @@ import torch
 from torchvision.utils import flow_to_image
 
 from .errors import ToraError
+from .files import read_user_text
 from tora.config import ConfigError, TrajectoryConfig
 
 logger = logging.getLogger(__name__)
@@ -108,7 +114,7 @@ def read_point_file(path: str | Path, canvas_size: tuple[int, int] = (256, 256),
     if not path.is_file():
         raise TrajectoryError(f"trajectory file not found: {path}")
     points = []
-    for number, text in enumerate(path.read_text().splitlines(), start=1):
+    for number, text in enumerate(read_user_text(path, "trajectory file").splitlines(), start=1):
         if not text.strip():
             continue
         where = f"{path}, line {number}"
@@ -147,6 +153,27 @@ def resample_official(points: Sequence[Point], num_frames: int) -> list[Point]:
     return resampled
 
 
+def resample_spread(points: Sequence[Point], num_frames: int) -> list[Point]:
+    """The official rule without its truncation (the default): n <= F as :func:`resample_official`;
+    n > F keeps F points at evenly spread indices round(i (n - 1) / (F - 1)), first and last included,
+    so the whole path is followed and each point still stands for one moment in time."""
+    if len(points) <= num_frames:
+        return resample_official(points, num_frames)
+    indices = np.rint(np.linspace(0, len(points) - 1, num_frames)).astype(int)
+    return [tuple(points[i]) for i in indices]
+
+
+def official_dropped_tail(points: Sequence[Point], num_frames: int) -> tuple[int, float]:
+    """(points, fraction of the path length) the official rule leaves out at the end of a long file."""
+    if len(points) <= num_frames:
+        return 0, 0.0
+    last_used = (num_frames - 1) * (len(points) // num_frames)
+    xy = np.asarray(points, dtype=np.float64)
+    steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)  # [n - 1] segment lengths
+    total = steps.sum()
+    return len(points) - 1 - last_used, float(steps[last_used:].sum() / total) if total else 0.0
+
+
 def resample_uniform(points: Sequence[Point], num_frames: int) -> list[Point]:
     """Constant speed: ``num_frames`` points equally spaced by arc length along the polyline, rounded.
 
@@ -161,7 +188,7 @@ def resample_uniform(points: Sequence[Point], num_frames: int) -> list[Point]:
     return [tuple(p) for p in np.rint(resampled).astype(int).tolist()]
 
 
-RESAMPLERS = {"official": resample_official, "uniform": resample_uniform}
+RESAMPLERS = {"spread": resample_spread, "official": resample_official, "uniform": resample_uniform}
 
 
 def to_video_pixels(points: Sequence[Point], canvas_size: tuple[int, int],
@@ -183,10 +210,27 @@ def load_tracks(paths: Sequence[str | Path], num_frames: int, video_size_hw: tup
         raise TrajectoryError(f"a trajectory video needs at least 2 frames, got num_frames={num_frames}")
     canvas_size = (cfg.canvas_width, cfg.canvas_height)
     resample = RESAMPLERS[cfg.resample]
-    return torch.stack([
-        to_video_pixels(resample(read_point_file(path, canvas_size, cfg.out_of_canvas), num_frames),
-                        canvas_size, video_size_hw)
-        for path in paths])
+    tracks = []
+    for path in paths:
+        points = read_point_file(path, canvas_size, cfg.out_of_canvas)
+        if cfg.resample == "official":
+            warn_if_truncated(path, points, num_frames)
+        tracks.append(to_video_pixels(resample(points, num_frames), canvas_size, video_size_hw))
+    return torch.stack(tracks)
+
+
+_TRUNCATION_WARNED: set[tuple[str, int, int]] = set()  # (file, points, frames): say it once per run
+
+
+def warn_if_truncated(path: str | Path, points: Sequence[Point], num_frames: int) -> None:
+    """The official rule drops the end of files with more points than frames: say how much (once)."""
+    dropped, fraction = official_dropped_tail(points, num_frames)
+    if dropped and (str(path), len(points), num_frames) not in _TRUNCATION_WARNED:
+        _TRUNCATION_WARNED.add((str(path), len(points), num_frames))
+        logger.warning("%s: %d points for %d frames: trajectory.resample=official uses points 1-%d (step %d) "
+                       "and drops the last %d points (%.0f%% of the path length); trajectory.resample=spread "
+                       "(the default) keeps the whole path", path, len(points), num_frames,
+                       len(points) - dropped, len(points) // num_frames, dropped, 100 * fraction)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ OFFICIAL_QUIRKS.md#vae-diffusers-keys); this file adds what the official code do
 * construction from the official config (``model.first_stage_config.params``), rejecting what the
   network cannot represent;
 * the official ``3d-vae.pt`` format (``{"state_dict": {"encoder.down.0.block.0...": ...}}``), read
-  strictly and written back, through a key converter official <-> diffusers;
+  strictly and written back, through a key converter official <-> diffusers; a diffusers ``vae/`` folder
+  (``ckpt_path`` pointing at it) is read strictly under its own names;
 * the official numerics of encode and decode, one sample at a time:
 
       moments  = Encoder(video)                    all frames in one call     [B, 2C, t, h, w]
@@ -40,6 +41,7 @@ from .checkpoint import CheckpointError, atomic_torch_save, check_keys, load_sta
 from .config import ConfigError, merge, schema, validate
 
 CONFIG_PATH = "model.first_stage_config.params"
+VAE_CLASS = "AutoencoderKLCogVideoX"  # the class of a diffusers ``vae/`` folder
 STATE_DICT_ENTRY = "state_dict"  # 3d-vae.pt = torch.save({"state_dict": official_state_dict})
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # DiagonalGaussianRegularizer clamps the log-variance
 NORM_GROUPS, NORM_EPS = 32, 1e-6  # every (spatial) group norm of the official VAE
@@ -298,10 +300,33 @@ class VideoAutoencoder(nn.Module):
         path = path if path is not None else self.params.ckpt_path
         if path is None:
             raise CheckpointError(f"no VAE checkpoint given and '{CONFIG_PATH}.ckpt_path' is null")
+        if Path(path).is_dir():  # a diffusers ``vae/`` folder: already this network's key names
+            self.load_diffusers(path)
+            return
         found = read_official_state_dict(path, self.params.ignore_keys)
         check_keys(self.official_state_dict(), found, str(path), optional=())
         converted = {official_to_diffusers_key(k, self.num_levels): v for k, v in found.items()}
         self.autoencoder.load_state_dict(converted, strict=True)
+
+    def load_diffusers(self, path: str | os.PathLike) -> None:
+        """Load a diffusers ``AutoencoderKLCogVideoX`` folder (``vae/`` of a diffusers model, or the model
+        folder holding it) strictly, tensor by tensor."""
+        from .diffusers_format import CONFIG_FILE, DiffusersFormatError, SafetensorsFolder
+
+        path = Path(path)
+        folder = SafetensorsFolder(path / "vae" if (path / "vae" / CONFIG_FILE).is_file() else path)
+        if folder.class_name != VAE_CLASS:
+            raise DiffusersFormatError(f"{folder.dir / CONFIG_FILE}: _class_name is {folder.class_name!r}, "
+                                       f"expected {VAE_CLASS!r} ({CONFIG_PATH}.ckpt_path)")
+        folder.load_into(self.autoencoder, f"diffusers VAE, {CONFIG_PATH}.ckpt_path")
+
+    def save_diffusers(self, path: str | os.PathLike, scaling_factor: float) -> None:
+        """Write a diffusers ``AutoencoderKLCogVideoX`` folder (config.json + safetensors).
+
+        ``scaling_factor`` (the engine's ``model.scale_factor``, 0.7 for CogVideoX-5B) goes into config.json:
+        diffusers pipelines scale latents by it (the class default, 1.15, is CogVideoX-2B's)."""
+        self.autoencoder.register_to_config(scaling_factor=scaling_factor)
+        self.autoencoder.save_pretrained(path, safe_serialization=True)
 
     def save_official(self, path: str | os.PathLike) -> None:
         """Write an official-format ``3d-vae.pt`` (atomically)."""

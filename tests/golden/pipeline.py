@@ -27,7 +27,7 @@ def pipeline_engine(case: GoldenCase) -> ToraEngine:
     p = case.params
     dit_name = next(w for w in case.entry["weights"] if w.startswith("dit"))
     dit_entry, vae_entry = case.checkpoint(dit_name), case.checkpoint("vae")
-    overrides = {"model": {
+    overrides = {"trajectory": {"resample": "official"}, "model": {
         "scale_factor": p["scale_factor"],
         "network_config": {"params": dit_entry["network_config"]["params"]},
         "first_stage_config": {"params": vae_entry["config"]["params"]},

@@ -7,10 +7,11 @@ from . import GoldenCase, runner
 
 @runner("traj_prep*")
 def run_traj_prep(case: GoldenCase) -> dict:
-    """Official sampling settings (the config defaults) on the case's files, frames and size."""
+    """Official sampling settings on the case's files, frames and size: the config defaults except the
+    resampling rule, whose default keeps the whole path (the official rule truncates long files)."""
     p = case.params
     motion = load_motion_video([case.path(f) for f in p["files"]], p["num_frames"],
-                               tuple(p["video_size_hw"]), TrajectoryConfig())
+                               tuple(p["video_size_hw"]), TrajectoryConfig(resample="official"))
     return {"flow": motion.flow, "points": motion.tracks, "flow_image": motion.flow_image}
 
 

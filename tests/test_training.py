@@ -538,11 +538,11 @@ def test_checkpoint_files_and_latest_are_fsynced_before_their_rename(tmp_path, m
 
     def first(kind, predicate):
         return next(i for i, (k, path) in enumerate(events) if k == kind and predicate(path))
-    assert first("fsync", lambda p: p.endswith(f"{MODEL_FILE}.tmp-{os.getpid()}")) < first(
-        "replace", lambda p: p.endswith(f"{MODEL_FILE}.tmp-{os.getpid()}"))
+    def staged(name):  # the temporary name a durable write uses beside the final one
+        return lambda p: Path(p).name.startswith(f".{name}.")
+    assert first("fsync", staged(MODEL_FILE)) < first("replace", staged(MODEL_FILE))
     assert first("fsync", lambda p: p.endswith("optim.pt")) < first("replace", lambda p: p == str(staging / "2"))
-    assert first("fsync", lambda p: p.endswith(f".latest.tmp-{os.getpid()}")) < first(
-        "replace", lambda p: p.endswith(f".latest.tmp-{os.getpid()}"))
+    assert first("fsync", staged("latest")) < first("replace", staged("latest"))
 
 
 @pytest.mark.parametrize("file", [MODEL_FILE, "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"])

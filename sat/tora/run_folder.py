@@ -14,12 +14,11 @@ Layout (``<save>/<experiment_name>-MM-DD-HH-MM-SS[-k]/``, or the folder given to
 
 A save writes into ``.incomplete-<iter>/``, fsyncs every file, renames the folders into place, then
 replaces ``latest`` (fsynced before its rename): a crash or a full disk at any point leaves the
-previous checkpoint and ``latest`` intact.  Files are created with the process umask (a teammate in
-the group can read and ``--load`` them).
+previous checkpoint and ``latest`` intact.  Single files are written through ``tora.files`` (staged,
+fsynced, created with the process umask: a teammate in the group can read and ``--load`` them).
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import files
 from .checkpoint import MODEL_FILE, CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -105,23 +105,13 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 def write_durably(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary name beside ``path``, fsync, rename into place, fsync the folder.
-
-    The file is created like ``open(path, "wb")`` would (mode 0666 minus the umask); ENOSPC and other
-    write errors become :class:`CheckpointError` naming the file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``write(file)`` into a staged file that becomes ``path`` (``tora.files``: fsync, the umask's
+    mode, rename, fsync of the folder); a failed write becomes :class:`CheckpointError` naming it."""
     try:
-        with open(tmp, "wb") as file:
+        with files.atomic_path(path) as tmp, open(tmp, "wb") as file:
             write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         raise write_error(err, path) from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 def write_text_durably(path: Path, text: str) -> None:
@@ -157,12 +147,11 @@ def write_error(err: BaseException, path: Path) -> CheckpointError:
     """A failed write as the error a user can act on: "no space left on <folder>" for a full disk."""
     folder = path if path.is_dir() else path.parent
     free = _free_bytes(folder)
-    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (
-        any(s in str(err) for s in TORCH_WRITE_FAILURES) and free is not None and free < LOW_SPACE_BYTES)
-    if full:
+    torch_failure = any(s in str(err) for s in TORCH_WRITE_FAILURES)
+    if files.disk_full(folder, err) or (torch_failure and free is not None and free < LOW_SPACE_BYTES):
         return CheckpointError(f"no space left on {folder} while writing {path.name} "
                                f"({_mib(free)} free): free some space and resume the run")
-    if isinstance(err, OSError) or any(s in str(err) for s in TORCH_WRITE_FAILURES):
+    if isinstance(err, OSError) or torch_failure:
         return CheckpointError(f"cannot write {path}: {err}")
     raise err
 

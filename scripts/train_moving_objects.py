@@ -245,7 +245,7 @@ class Recipe:
                 if mode == "i2v":
                     cmd.append("--image2video")
                 if not motion:
-                    cmd.append("--no_flow_injection")
+                    cmd.append("--no-flow-injection")
                 if self.args.smoke:
                     cmd.append("model.sampler_config.params.num_steps=2")
                 start = time.time()

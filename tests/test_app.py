@@ -31,9 +31,13 @@ def session(tiny_ckpts, tmp_path, monkeypatch):
     settings = load_settings()
     settings.server.output_dir = str(tmp_path / "runs")
     bases = [str(REPO / "configs/tora/model/tora_tiny.yaml"), str(REPO / "configs/tora/inference.yaml")]
-    overrides = [f"model.first_stage_config.params.ckpt_path={tiny_ckpts / 'vae/3d-vae.pt'}",
-                 f"model.conditioner_config.params.emb_models=[{{params: {{model_dir: {tiny_ckpts / 't5'}, max_length: 16}}}}]"]
-    return Session(settings, bases, str(tiny_ckpts / "t2v"), overrides, device="cpu")
+    return Session(settings, bases, str(tiny_ckpts / "t2v"), tiny_overrides(tiny_ckpts), device="cpu")
+
+
+def tiny_overrides(tiny_ckpts) -> list[str]:
+    """The VAE and T5 of this module's tiny checkpoints (not the repository's ckpts/tiny)."""
+    return [f"model.first_stage_config.params.ckpt_path={tiny_ckpts / 'vae/3d-vae.pt'}",
+            f"model.conditioner_config.params.emb_models=[{{params: {{model_dir: {tiny_ckpts / 't5'}, max_length: 16}}}}]"]
 
 
 def editor_state(session, *tracks):
@@ -113,7 +117,7 @@ def test_image_to_video_first_frame_and_round_trip(tiny_ckpts, tmp_path, monkeyp
     settings = load_settings()
     settings.server.output_dir = str(tmp_path / "runs")
     bases = [str(REPO / f"configs/tora/model/{name}.yaml") for name in ("tora_tiny", "tora_tiny_i2v")]
-    session = Session(settings, bases, str(tiny_ckpts / "i2v"), device="cpu")
+    session = Session(settings, bases, str(tiny_ckpts / "i2v"), tiny_overrides(tiny_ckpts), device="cpu")
     assert session.image2video and "image-to-video" in session.model_description()
     state = editor_state(session, ([[20, 30], [200, 250]], False))
     assert "upload a first frame" in session.generate(state, "uniform", 9, "a", 1, 2, 6, "none", None).message

@@ -228,7 +228,7 @@ def test_eval_cli_zero_and_shifted_error_and_baseline(tmp_path, held_out_clips, 
 
     # baseline: the same names, the objects never move (motion dropped)
     baseline = fake_run(tmp_path / "static", held_out_clips, static=True)
-    shutil.rmtree(baseline / "traj")  # a --no_flow_injection run writes no traj/
+    shutil.rmtree(baseline / "traj")  # a --no-flow-injection run writes no traj/
     capsys.readouterr()
     report = script.run(script.parse_args([str(run), "--baseline", str(baseline), "--per-video",
                                            "--strips", str(tmp_path / "strips"), "--strip-videos", "2",

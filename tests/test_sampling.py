@@ -352,3 +352,46 @@ def test_a_sample_is_reproduced_from_its_record_alone(tiny_ckpts, tmp_path):
     first = load_file(out / "latents" / "0001_a_red_ball_seed1235.safetensors")["latents"]
     second = load_file(tmp_path / "again" / "latents" / "0000_a_red_ball_seed1235.safetensors")["latents"]
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+# -- case files: each prompt with its own trajectories (and image) ---------------------------
+
+def cases_file(tmp_path, *cases):
+    path = tmp_path / "cases.jsonl"
+    path.write_text("".join(json.dumps(case) + "\n" for case in cases))
+    return path
+
+
+def test_case_files_give_each_prompt_its_own_trajectories(tiny_ckpts, tmp_path):
+    (tmp_path / "a.txt").write_text("10,10\n200,200\n")
+    (tmp_path / "b.txt").write_text("200,20\n20,200\n")
+    file = cases_file(tmp_path, {"prompt": "a red ball", "point_path": ["a.txt"]},
+                      {"prompt": "two balls", "point_path": ["a.txt", "b.txt"]}, {"prompt": "no motion"})
+    out = run(tiny_ckpts, tmp_path, "--input-file", str(file))
+    first = json.loads((out / "traj" / "0000_a_red_ball_seed1234.json").read_text())
+    second = json.loads((out / "traj" / "0001_two_balls_seed1235.json").read_text())
+    assert np.array(first["points_xy"]).shape == (1, 9, 2) and np.array(second["points_xy"]).shape == (2, 9, 2)
+    assert first["points_xy"][0] == second["points_xy"][0]  # same file, same points
+    assert not (out / "traj" / "0002_no_motion_seed1236.json").exists()  # no trajectories: no motion
+    assert (out / "video" / "0002_no_motion_seed1236.mp4").is_file()
+    record = json.loads((out / "video" / "0001_two_balls_seed1235.json").read_text())
+    assert [t["file"] for t in record["trajectories"]] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+
+
+def test_bad_case_files_are_explained(tiny_ckpts, tmp_path, caplog, no_models):
+    (tmp_path / "a.txt").write_text("10,10\n200,200\n")
+    (tmp_path / "bad.txt").write_text("10,10\n20;30\n")
+    bad_lines = [
+        ('{"prompt": "x", "point_path": ["a.txt"]}\nnot json\n', ":2: not a JSON object"),
+        ('{"point_path": ["a.txt"]}\n', ':1: each line needs a "prompt" string'),
+        ('{"prompt": "x", "points": ["a.txt"]}\n', ":1: unknown field(s) ['points'] (known: prompt, point_path, image)"),
+        ('{"prompt": "x", "point_path": ["missing.txt"]}\n', ":1: trajectory file not found"),
+        ('{"prompt": "x", "point_path": ["bad.txt"]}\n', "bad.txt, line 2"),
+    ]
+    for text, message in bad_lines:
+        path = tmp_path / "cases.jsonl"
+        path.write_text(text)
+        expect_error(caplog, tiny_ckpts, tmp_path, message, "--input-file", str(path))
+    path.write_text('{"prompt": "x", "point_path": ["a.txt"]}\n')
+    expect_error(caplog, tiny_ckpts, tmp_path, ':1: image-to-video cases need an "image"', "--image2video",
+                 "--input-file", str(path), variant="i2v")

@@ -46,7 +46,7 @@ def sample(cases: Path, out: Path, i2v: bool, motion: bool) -> Path:
     if i2v:
         argv.append("--image2video")
     if not motion:
-        argv.append("--no_flow_injection")
+        argv.append("--no-flow-injection")
     main(argv)
     return out
 

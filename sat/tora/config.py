@@ -362,7 +362,9 @@ class FarnebackConfig:
     """OpenCV ``calcOpticalFlowFarneback`` settings (``motion_from_video.flow_estimator: farneback``)."""
     pyr_scale: float = 0.5  # image scale between pyramid levels
     levels: int = 3  # pyramid levels
-    winsize: int = 9  # averaging window (pixels): larger follows faster motion, blurs edges
+    # averaging window (pixels): larger follows faster motion and fills the flat inside of shapes
+    # (15 recovers an 8-px disc's motion at its centre within 0.2 px; 9 sees almost none), blurs edges
+    winsize: int = 15
     iterations: int = 3  # iterations per level
     poly_n: int = 5  # pixel neighbourhood of the polynomial expansion
     poly_sigma: float = 1.1  # Gaussian sigma of that expansion (1.1 for poly_n 5)

@@ -22,7 +22,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import decord
 import numpy as np
@@ -220,8 +220,12 @@ class SFTDataset(Dataset):
     """
 
     def __init__(self, data_dirs: str | Path | Sequence[str | Path], params: DataParams,
-                 seed: int = 0):
+                 seed: int = 0, flows: Optional[Callable[[Tensor], Tensor]] = None):
+        """``flows``: an optical-flow function of a clip [F, 3, H, W] in [-1, 1] -> [F-1, H, W, 2] run
+        on every item in the loader's worker processes (a CPU estimator such as
+        ``tracking.farneback_flows``); the item then holds ``flows`` (float16)."""
         check_params(params)
+        self.flows = flows
         if seed < 0:
             raise ConfigError(f"SFTDataset seed must be >= 0, got {seed} (args.seed)")
         if isinstance(data_dirs, (str, Path)):
@@ -272,5 +276,8 @@ class SFTDataset(Dataset):
         frames = read_clip_frames(clip.video, self.params, rng)  # uint8 [n, 3, h, w]
         frames = resize_center_crop(frames, self.params.video_size)  # uint8 [n, 3, H, W]
         video = to_model_range(pad_with_last_frame(frames, self.params.max_num_frames))
-        return {"mp4": video, "txt": clip.caption, "num_frames": len(frames),
+        item = {"mp4": video, "txt": clip.caption, "num_frames": len(frames),
                 "fps": float(self.params.fps), "clip": str(clip.video)}
+        if self.flows is not None:
+            item["flows"] = self.flows(video).to(torch.float16)
+        return item

@@ -23,6 +23,7 @@ position of a run are functions of the iteration: a resumed run replays the same
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -218,15 +219,20 @@ class BatchPreparer:
             raise ConfigError("args.cache_latents needs the data items' clip paths (tora.data.SFTDataset)")
         motion_cfg = self.cfg.motion_from_video
         motion_latents = None  # stage "none": a plain text-to-video step
+        given = batch.get("flows")  # computed by the data-loader workers (worker_flows)
+
+        def flows_of(i: int) -> Tensor:
+            return given[i].to(self.device, torch.float32) if given is not None else clip_flows(self.raft, clips[i], motion_cfg)
+
         if motion_cfg.stage == "dense":  # a function of the clip: cacheable as VAE moments
             def dense_moments(indices):
                 motion = torch.cat([motion_video_from_clip(clips[i], self.raft, motion_cfg, self.cfg.trajectory,
-                                                           rng.cpu) for i in indices])
+                                                           rng.cpu, flows=flows_of(i)) for i in indices])
                 return self._moments(motion)
             motion_latents = self._sample(self._cached("motion", names, dense_moments), rng.device)
         elif motion_cfg.stage == "sparse":  # random keypoints each step; the flows are the clip's
             flows = self._cached("flows", names, lambda indices: torch.stack(
-                [clip_flows(self.raft, clips[i], motion_cfg).to(torch.bfloat16) for i in indices]))
+                [flows_of(i).to(torch.bfloat16) for i in indices]))
             motion = torch.cat([motion_video_from_clip(clip, self.raft, motion_cfg, self.cfg.trajectory, rng.cpu,
                                                        flows=flow.float()) for clip, flow in zip(clips, flows)])
             motion_latents = self._encode(motion, rng.device)
@@ -315,6 +321,14 @@ class StepBatchSampler(Sampler):
         while True:
             yield self.micro_batch(index)
             index += 1
+
+
+def worker_flows(motion_cfg) -> Optional[Callable[[Tensor], Tensor]]:
+    """The flow function the data-loader workers run for each item: a CPU estimator (Farneback) runs
+    there, in parallel over the workers; RAFT runs on the GPU in :class:`BatchPreparer`."""
+    if motion_cfg.stage == "none" or motion_cfg.flow_estimator != "farneback":
+        return None
+    return functools.partial(farneback_flows, cfg=motion_cfg)
 
 
 class EpochKeyed(Dataset):

@@ -49,7 +49,7 @@ from .runtime import DTYPES, default_dtype, pick_device, seed_everything
 # The step's inputs; these names stay importable from here.
 from .train_inputs import (RAFT_MIN_SIZE, BatchPreparer, Components, EpochKeyed,  # noqa: F401
                            StepBatchSampler, StepRandom, build_components, clip_flows,
-                           motion_video_from_clip, step_seed, write_random_raft)
+                           motion_video_from_clip, step_seed, worker_flows, write_random_raft)
 
 logger = logging.getLogger(__name__)
 
@@ -694,7 +694,8 @@ def train(cfg: DictConfig, build: Callable[[DictConfig, torch.device, torch.dtyp
         state, preparer = build_state(run, build, start, folder)
         if dataset is None:
             from .data import SFTDataset
-            dataset = SFTDataset(list(args.train_data), cfg.data.params, seed=args.seed)
+            dataset = SFTDataset(list(args.train_data), cfg.data.params, seed=args.seed,
+                                 flows=worker_flows(cfg.motion_from_video))
         batches = data_loader(dataset, cfg, rank, run.world_size, run.micro_batch, start * run.accumulation,
                               run.device)
         if rank == 0:

@@ -227,6 +227,7 @@ class Recipe:
     def stage_eval(self):
         """Held-out cases sampled with and without motion, T2V and I2V, from the exported model."""
         held_out = self.data / "held_out"
+        shutil.rmtree(self.work / "eval", ignore_errors=True)  # a re-run must not pair with -1 suffixed leftovers
         record = {}
         for mode, cases, models, load in [("t2v", "cases_t2v.jsonl", [SMALL], "t2v"),
                                           ("i2v", "cases_i2v.jsonl", [SMALL, SMALL_I2V], "i2v")]:

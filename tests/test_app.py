@@ -2,7 +2,6 @@
 messages, and generation whose downloads reproduce the same video through sample_video.py."""
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,6 @@ from tora.config import ConfigError
 from tora.editor_app import Session, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpts(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import make_tiny_checkpoints
-
-    out = tmp_path_factory.mktemp("tiny")
-    make_tiny_checkpoints.main(["--out", str(out)])
-    return out
 
 
 @pytest.fixture

@@ -21,13 +21,6 @@ SHARED_TRAJS = REPO.parent / "shared" / "data" / "trajs"
 MODEL = REPO / "configs/tora/model"
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpts(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import make_tiny_checkpoints
-    out = tmp_path_factory.mktemp("tiny")
-    make_tiny_checkpoints.main(["--out", str(out)])
-    return out
 
 
 def fast(ckpts: Path) -> list[str]:

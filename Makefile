@@ -43,7 +43,7 @@ app: setup
 	$(PY) scripts/make_tiny_checkpoints.py --if-missing
 	$(PY) sat/app.py $(APP_ARGS)
 
-# Fine-tune the tiny model on training_examples/ on the CPU (SAT training_main + DeepSpeed, gloo,
+# Fine-tune the tiny model on training_examples/ on the CPU (the training loop + DeepSpeed, gloo,
 # fp32; random-weight RAFT, so the motion conditioning is arbitrary), then sample from the new
 # checkpoint.  Writes outputs/train-demo/tiny-*/ (metrics.jsonl, checkpoints) and samples/train-demo/.
 TRAIN_DEMO_BASE := configs/tora/model/tora_tiny.yaml configs/tora/train_dense.yaml configs/tora/train_tiny.yaml

@@ -7,9 +7,9 @@
     # stage 2: 1-16 sparse trajectories, from the stage-1 run
     torchrun --standalone --nproc_per_node=8 sat/train_video.py \\
         --base configs/tora/model/cogvideox_5b_tora.yaml configs/tora/train_dense.yaml \\
-               configs/tora/train_sparse.yaml --load outputs/train/tora-dense-MM-DD-HH-MM
+               configs/tora/train_sparse.yaml --load outputs/train/tora-dense-MM-DD-HH-MM-SS
     # continue a run that stopped (same number of GPUs)
-    torchrun ... sat/train_video.py --base <the same files> --resume outputs/train/tora-dense-MM-DD-HH-MM
+    torchrun ... sat/train_video.py --base <the same files> --resume outputs/train/tora-dense-MM-DD-HH-MM-SS
 
 Without torchrun it runs as one process (on the CPU with gloo and fp32 when there is no GPU).
 Every flag sets the config key args.<flag>; trailing key=value pairs override any config key, e.g.
@@ -18,9 +18,10 @@ deepspeed.optimizer.params.lr=5e-5.  Precedence: --base files in order < flags <
 import argparse
 import logging
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+from tora.logs import quiet_libraries, setup_logging
+
+quiet_libraries()  # before SAT, DeepSpeed and transformers are imported
 
 from tora.config import load_config, parse_cli  # noqa: E402
 from tora.errors import ToraError  # noqa: E402
@@ -48,8 +49,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("sat").propagate = False  # SAT logs through its own handler
+    setup_logging()
     options = parse_args(argv)
     flags = {k: v for k, v in vars(options).items() if k not in ("base", "overrides") and v is not None}
     log = logging.getLogger("train_video")

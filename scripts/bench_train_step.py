@@ -5,8 +5,8 @@
     python scripts/bench_train_step.py --stage sparse --steps 6                   # stage 2
     python scripts/bench_train_step.py --tiny                                     # CPU smoke run (CI)
 
-Runs real training steps through the code path of ``sat/train_video.py`` (``tora.training``: SAT
-``training_main``, DeepSpeed ZeRO-2, bf16, activation checkpointing, RAFT -> motion video -> VAE ->
+Runs real training steps through the code path of ``sat/train_video.py`` (``tora.training``: the
+training loop, DeepSpeed ZeRO-2, bf16, activation checkpointing, RAFT -> motion video -> VAE ->
 DiT loss) with the official train_dense.yaml (+ train_sparse.yaml) settings, but with RANDOM weights
 and a random clip, so it needs no downloads:
 
@@ -84,7 +84,7 @@ def make_config(args, run_root: Path, raft_file: Path):
              CONFIGS / "train_dense.yaml"]
     if args.stage == "sparse":
         files.append(CONFIGS / "train_sparse.yaml")
-    overrides = [f"args.save={run_root}", "args.load=null", "args.experiment_name=bench",
+    overrides = [f"args.save={run_root}", "args.load=null", "args.from_scratch=true", "args.experiment_name=bench",
                  f"args.train_iters={args.steps}", f"args.exit_interval={args.steps}",
                  f"args.save_interval={args.steps + 1}", "args.num_workers=0",
                  "args.log_interval=1", f"motion_from_video.raft_weights={raft_file}"]
@@ -98,7 +98,7 @@ def make_config(args, run_root: Path, raft_file: Path):
 
 def build_random(cfg, device, dtype):
     """Full-size (or tiny) components with random weights; nothing read from ckpts/."""
-    from tora.engine import build_dit
+    from tora.model_factory import build_dit
     from tora.text import GeneralConditioner
     from tora.tracking import load_raft
     from tora.training import Components, init_motion_modules_
@@ -163,9 +163,6 @@ def main(argv=None) -> str:
         start = time.perf_counter()
         try:
             run_training(cfg, build=build_random, dataset=dataset)
-        except SystemExit as stop:  # SAT's exit_interval after the last step: no checkpoint written
-            if stop.code not in (None, 0):
-                raise
         except torch.OutOfMemoryError:
             print(f"OUT OF MEMORY; peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
                   f"reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB", flush=True)

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from tora.checkpoint import save_checkpoint  # noqa: E402
 from tora.config import load_config  # noqa: E402
-from tora.engine import UNTRAINED_MARKER, build_dit  # noqa: E402
+from tora.model_factory import UNTRAINED_MARKER, build_dit  # noqa: E402
 from tora.text import write_tiny_t5  # noqa: E402
 from tora.vae import VideoAutoencoder  # noqa: E402
 

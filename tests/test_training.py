@@ -1,5 +1,5 @@
-"""Fine-tuning (tora.training, sat/train_video.py): official settings, the step's pieces, and real runs
-of SAT's training_main + DeepSpeed on the CPU (gloo, fp32) with a micro model.
+"""Fine-tuning (tora.training, tora.run_folder, sat/train_video.py): official settings, the step's
+pieces, and real runs of the training loop + DeepSpeed ZeRO-2 on the CPU (gloo, fp32) with a micro model.
 
 In-process runs use a cheap deterministic RAFT stand-in (``StubRaft``); the torchrun test runs the
 real RAFT (random weights).
@@ -7,10 +7,12 @@ real RAFT (random weights).
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,12 @@ import pytest
 import torch
 from torch import nn
 
-from tora.checkpoint import MODEL_FILE, load_dit_checkpoint, load_state_dict
+from tora.checkpoint import MODEL_FILE, CheckpointError, load_dit_checkpoint, load_state_dict
 from tora.config import ConfigError, MotionFromVideoConfig, TrajectoryConfig, load_config
-from tora.engine import UNTRAINED_MARKER, build_dit
+from tora.model_factory import UNTRAINED_MARKER, build_dit
 from tora.tracking import dense_motion_flow, sample_keypoints
 from tora.trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
-from tora import training
+from tora import run_folder, training
 from tora.training import (StepBatchSampler, ToraTrainingModule, clip_flows, deepspeed_config,
                            motion_video_from_clip, step_seed)
 
@@ -149,7 +151,7 @@ def test_sparse_stage_without_load_is_explained(caplog):
     with pytest.raises(SystemExit):
         train_video.main(["--base", str(CONFIGS / "model/cogvideox_5b_tora.yaml"), str(CONFIGS / "train_dense.yaml"),
                           str(CONFIGS / "train_sparse.yaml")])
-    assert "args.load is null: name the starting weights with --load" in caplog.text
+    assert "args.load = None: name the starting weights with --load" in caplog.text
 
 
 def test_deepspeed_config_follows_the_dtype_and_avoids_compiled_ops():
@@ -170,31 +172,46 @@ def test_deepspeed_config_follows_the_dtype_and_avoids_compiled_ops():
             deepspeed_config(bad, torch.float32)
 
 
-def test_official_learning_rate_schedule_and_its_resume():
-    from sat.training.deepspeed_training import get_learning_rate_scheduler
+def lr_args(**changes):
     from argparse import Namespace
-    lr, iters = 1e-4, 15000
-    args = Namespace(lr=lr, lr_decay_iters=None, train_iters=iters, warmup=0.01, lr_decay_style="linear",
-                     lr_decay_ratio=0.1, mode="finetune")
+    args = dict(lr=1e-4, lr_decay_iters=None, train_iters=15000, warmup=0.01, lr_decay_style="linear",
+                lr_decay_ratio=0.1, mode="finetune", auto_warmup_steps=100, auto_warmup_rate=0.05)
+    return Namespace(**{**args, **changes})
 
-    def schedule(start, steps):
-        optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = training.resumable_lr_scheduler(get_learning_rate_scheduler)(optimizer, start, args)
-        values = []
-        for _ in range(steps):
-            values.append(optimizer.param_groups[0]["lr"])
-            scheduler.step()
-        return values
 
-    values = schedule(0, 400)  # values[k] = the lr of step k + 1 (spec 7.5)
+def sat_schedule(args, steps: int) -> list[float]:
+    """SAT's AnnealingLR as training_main used it (the reference): the lr of steps 1..steps."""
+    from sat.training.deepspeed_training import get_learning_rate_scheduler
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_learning_rate_scheduler(optimizer, 0, args, auto_warmup_steps=args.auto_warmup_steps,
+                                            auto_warmup_rate=args.auto_warmup_rate)
+    values = []
+    for _ in range(steps):
+        values.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    return values
+
+
+def test_official_learning_rate_schedule():
+    lr, iters, args = 1e-4, 15000, lr_args()
+    values = [training.learning_rate(n, lr, args) for n in range(1, 1001)]  # values[k]: step k + 1
     for n in (1, 5, 7, 8, 50, 100):
         assert values[n - 1] == pytest.approx(min(0.05 * lr, lr * n / 150))
     for n in (101, 120, 150):
         assert values[n - 1] == pytest.approx(lr * n / 150)
     for n in (151, 300, 400):
         assert values[n - 1] == pytest.approx(lr * (iters - (n - 150)) / iters)
-    assert schedule(0, 1000)[-1] == pytest.approx(lr * (iters - 850) / iters)
-    assert schedule(120, 200) == pytest.approx(values[120:320], rel=1e-12)  # resumed: the same curve
+    assert values[-1] == pytest.approx(lr * (iters - 850) / iters)
+    assert values == pytest.approx(sat_schedule(args, 1000), rel=1e-12)  # SAT's AnnealingLR, step by step
+
+
+@pytest.mark.parametrize("changes", [dict(lr_decay_style="cosine", train_iters=300, warmup=0.1),
+                                     dict(lr_decay_style="constant", auto_warmup_steps=0, warmup=0.1, train_iters=50),
+                                     dict(lr_decay_style="linear", lr_decay_iters=200, train_iters=300)])
+def test_learning_rate_equals_sat_annealing_lr_for_every_style(changes):
+    args = lr_args(**changes)
+    ours = [training.learning_rate(n, 1e-3, args) for n in range(1, args.train_iters + 1)]
+    assert ours == pytest.approx(sat_schedule(lr_args(**changes, lr=1e-3), args.train_iters), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +219,7 @@ def test_official_learning_rate_schedule_and_its_resume():
 # ----------------------------------------------------------------------------------------------
 
 def test_only_the_motion_modules_are_trainable_and_decay_follows_the_official_groups(micro):
-    from sat.training.deepspeed_training import get_optimizer_param_groups
+    from sat.training.deepspeed_training import get_optimizer_param_groups  # the official grouping
     cfg = load_config(TRAIN_BASE, micro_overrides(micro))
     dit = build_dit(cfg, None, torch.device("cpu"), torch.float32)
     module = ToraTrainingModule(dit, loss_fn=None, trainable_modules=["fuser", "traj_extractor"])
@@ -212,7 +229,9 @@ def test_only_the_motion_modules_are_trainable_and_decay_follows_the_official_gr
     assert count == sum(p.numel() for n, p in dit.named_parameters() if n in trainable)
     assert all(("fuser_list" in n or n.startswith("traj_extractor.")) == (n in trainable)
                for n, _ in dit.named_parameters())
-    decay, no_decay = get_optimizer_param_groups(module)
+    decay, no_decay = training.decay_groups(module)
+    official = get_optimizer_param_groups(module)
+    assert [[id(p) for p in g["params"]] for g in (decay, no_decay)] == [[id(p) for p in g["params"]] for g in official]
     names = {id(p): n for n, p in dit.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert not any(n.endswith(".bias") for n in decayed) and "weight_decay" not in decay
@@ -294,7 +313,7 @@ def test_sampler_covers_epochs_splits_ranks_and_resumes_anywhere():
 
 
 # ----------------------------------------------------------------------------------------------
-# Real runs: SAT training_main + DeepSpeed ZeRO-2 on the CPU
+# Real runs: the training loop + DeepSpeed ZeRO-2 on the CPU
 # ----------------------------------------------------------------------------------------------
 
 RUN = ["args.train_iters=6", "args.save_interval=2", "args.keep_last_checkpoints=2", "args.ema_decay=0.9",
@@ -303,8 +322,12 @@ RUN = ["args.train_iters=6", "args.save_interval=2", "args.keep_last_checkpoints
 
 @pytest.fixture(scope="module")
 def reference_run(micro, tmp_path_factory):
-    """6 uninterrupted steps, a checkpoint every 2, the last 2 kept, EMA on."""
-    return train(micro_cfg(micro, tmp_path_factory.mktemp("reference"), *RUN))
+    """6 uninterrupted steps, a checkpoint every 2, the last 2 kept, EMA on (umask 022)."""
+    umask = os.umask(0o022)
+    try:
+        return train(micro_cfg(micro, tmp_path_factory.mktemp("reference"), *RUN))
+    finally:
+        os.umask(umask)
 
 
 def test_run_writes_metrics_and_checkpoints_that_sampling_loads(reference_run, micro):
@@ -343,10 +366,11 @@ def test_crash_while_saving_keeps_the_last_checkpoint_and_resume_continues_the_c
     cfg = micro_cfg(micro, tmp_path / "runs", *RUN)
     real_save = torch.save
 
-    def dying_save(obj, path, *args, **kwargs):
-        if Path(path).name == MODEL_FILE and "incomplete-4" in str(path):
+    def dying_save(obj, file, *args, **kwargs):
+        path = str(getattr(file, "name", file))  # a path, or the open (temporary) file of a durable write
+        if MODEL_FILE in Path(path).name and "incomplete-4" in path:
             raise KeyboardInterrupt("killed while saving iteration 4")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
@@ -355,6 +379,8 @@ def test_crash_while_saving_keeps_the_last_checkpoint_and_resume_continues_the_c
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "latest").read_text() == "2" and not (run_dir / "4").exists()
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+    with open(run_dir / "metrics.jsonl", "a") as file:  # power loss while a line was written
+        file.write('{"step": 5, "loss": 0.2')
 
     resumed = train(micro_cfg(micro, tmp_path / "runs", *RUN, f"args.resume={run_dir}"))
     assert resumed == run_dir and not (run_dir / ".incomplete-4").exists()
@@ -418,11 +444,12 @@ def fixed_draw_loss(cfg, weights, data) -> float:
     return float(loss.mean())
 
 
-def test_image_to_video_sparse_stage_with_activation_checkpointing(micro, tmp_path):
+def test_image_to_video_sparse_stage_with_activation_checkpointing(micro, tmp_path, capsys):
     run_dir = train(micro_cfg(micro, tmp_path, *I2V, f"args.load={micro / 'i2v'}", "args.train_iters=2",
                               "args.checkpoint_activations=true", "motion_from_video.stage=sparse",
                               "args.tensorboard=true", "args.log_interval=1"))
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert re.search(r"training: 100%.*\| 2/2 ", capsys.readouterr().err)  # the progress bar (rank 0)
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     before, after = dit_state(micro / "i2v/1"), dit_state(run_dir / "2")
     assert any(not torch.equal(before[k], after[k]) for k in before if ".fuser_list." in k)
@@ -458,3 +485,169 @@ def test_benchmark_script_runs_tiny(capsys):
                                        "model.first_stage_config.params.decoder_config.params.ch_mult=[1,1,1,1]"])
     assert "step (s)" in table and "DiT forward (s)" in table and "VAE encodes (s)" in table
     assert capsys.readouterr().out.rstrip().endswith(table.splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing lost, nothing silent (issue 14): run folders, damaged files, full disks, permissions
+# ----------------------------------------------------------------------------------------------
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, reference_run):
+    """Two runs started in the same minute used to share <name>-MM-DD-HH-MM and overwrite each other."""
+    now = datetime(2026, 12, 1, 22, 5, 18)
+    first = run_folder.create_run_dir(tmp_path, "tiny", now)
+    second = run_folder.create_run_dir(tmp_path, "tiny", now)
+    assert (first.name, second.name) == ("tiny-12-01-22-05-18", "tiny-12-01-22-05-18-1")
+    (tmp_path / "tiny-12-01-22-05-18-2").mkdir()  # an existing folder is never reused
+    (tmp_path / "tiny-12-01-22-05-18-2/metrics.jsonl").write_text('{"step": 1}\n')
+    third = run_folder.create_run_dir(tmp_path, "tiny", now)
+    assert third.name == "tiny-12-01-22-05-18-3" and not any(third.iterdir())
+    assert re.fullmatch(r"tiny-\d\d-\d\d-\d\d-\d\d-\d\d", reference_run.name)
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_named(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    run_folder.truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n' and "dropped its last line 3" in caplog.text
+    path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}, line 2: not a JSON record")):
+        run_folder.read_metrics(path)
+
+
+def test_run_files_respect_the_umask(reference_run):
+    """Every checkpoint file and pointer used to be created 0600 (temporary file + rename)."""
+    files = ["latest", "metrics.jsonl", "training_config.yaml", f"6/{MODEL_FILE}", "6/training_state.pt",
+             f"6-ema/{MODEL_FILE}", "6/deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    modes = {name: oct((reference_run / name).stat().st_mode & 0o777) for name in files}
+    assert modes == {name: "0o644" for name in files}  # the fixture's umask 022
+
+
+def test_checkpoint_files_and_latest_are_fsynced_before_their_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    run_dir = tmp_path / "run"
+    staging = run_folder.staging_dir(run_dir, 2)
+    (staging / "2").mkdir(parents=True)
+    run_folder.write_durably(staging / "2" / MODEL_FILE, lambda f: torch.save({"module": {}}, f))
+    (staging / "2" / "optim.pt").write_bytes(b"written by DeepSpeed")
+    run_folder.commit_checkpoint(run_dir, 2, keep=0)
+    assert (run_dir / "latest").read_text() == "2" and (run_dir / "2" / MODEL_FILE).is_file()
+
+    def first(kind, predicate):
+        return next(i for i, (k, path) in enumerate(events) if k == kind and predicate(path))
+    def staged(name):  # the temporary name a durable write uses beside the final one
+        return lambda p: Path(p).name.startswith(f".{name}.")
+    assert first("fsync", staged(MODEL_FILE)) < first("replace", staged(MODEL_FILE))
+    assert first("fsync", lambda p: p.endswith("optim.pt")) < first("replace", lambda p: p == str(staging / "2"))
+    assert first("fsync", staged("latest")) < first("replace", staged("latest"))
+
+
+@pytest.mark.parametrize("file", [MODEL_FILE, "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_checkpoint_on_resume_names_the_file(reference_run, micro, tmp_path, file, damage):
+    """A zero-byte checkpoint gave a raw EOFError, a truncated one "corrupted" naming no file."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference_run, run_dir)
+    target = run_dir / "6" / file
+    data = target.read_bytes()
+    target.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    message = "is empty (0 bytes)" if damage == "empty" else "is truncated or corrupted"
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {target} {message}")) as error:
+        train(micro_cfg(micro, tmp_path, *RUN, "args.train_iters=8", f"args.resume={run_dir}"))
+    assert "Other checkpoints of the run: [4]" in str(error.value)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MiB tmpfs (root only; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file until the file system holding ``folder`` is full."""
+    filler = folder / "filler"
+    with open(filler, "wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * 2**20)
+                file.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(micro, small_disk, monkeypatch):
+    """A full disk used to report "enforce fail at inline_container.cc:672" only."""
+    real_save = training.save_checkpoint
+
+    def save_on_a_full_disk(state, run_dir, *args):
+        if state.iteration == 4:
+            fill_disk(small_disk)
+        return real_save(state, run_dir, *args)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_on_a_full_disk)
+    cfg = micro_cfg(micro, small_disk / "runs", "args.train_iters=4", "args.save_interval=2")
+    with pytest.raises(CheckpointError, match=r"no space left on .*runs/tiny-[\d-]+/\.incomplete-4/4 while writing"):
+        train(cfg)
+    (run_dir,) = (small_disk / "runs").iterdir()
+    assert (run_dir / "latest").read_text() == "2" and not (run_dir / ".incomplete-4").exists()
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["2"]
+    load_dit_checkpoint(build_dit(cfg, None, torch.device("cpu"), torch.float32), run_dir)  # intact
+    (small_disk / "filler").unlink()  # space freed: the run resumes from 2
+    monkeypatch.undo()
+    assert train(micro_cfg(micro, small_disk / "runs", "args.train_iters=4", "args.save_interval=2",
+                           f"args.resume={run_dir}")) == run_dir
+    assert (run_dir / "latest").read_text() == "4" and [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_failed_start_leaves_no_run_folder(micro, tmp_path):
+    def broken_build(cfg, device, dtype):
+        raise CheckpointError("no weights here")
+    with pytest.raises(CheckpointError, match="no weights here"):
+        train(micro_cfg(micro, tmp_path / "runs"), build=broken_build)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_logs_are_quiet_and_name_the_steps(reference_run):
+    log = (reference_run / "train.log").read_text()
+    assert "step 3/6: loss" in log and "step 6/6: loss" in log and "saved checkpoint" in log
+    noisy = [line for line in log.splitlines() if re.search(r" (INFO|DEBUG) (sat|DeepSpeed)\b", line)]
+    assert not noisy, noisy[:5]
+
+
+def test_small_model_stages_from_scratch_then_farneback_motion_run_through_the_loop(micro, tmp_path):
+    """Stage 0 (from scratch, no motion, every base weight trainable), then a sparse motion stage with
+    the weight-free Farneback flow (flows cached per clip) from its run folder, every weight trainable."""
+    base_only = r"model.trainable_modules=['^(?!traj_extractor\.|mixins\.adaln_layer\.fuser_list\.)']"
+    stage0 = train(micro_cfg(micro, tmp_path / "s0", "args.load=null", "args.from_scratch=true", base_only,
+                             "motion_from_video.stage=none", "args.train_iters=2", "args.save_interval=2"),
+                   build=training.build_components)
+    weights = dit_state(stage0 / "2")
+    assert [r["step"] for r in metrics(stage0)] == [1, 2] and not (stage0 / UNTRAINED_MARKER).exists()
+    cfg = micro_cfg(micro, tmp_path / "s1", f"args.load={stage0}", "model.trainable_modules=['.*']",
+                    "motion_from_video.stage=sparse", "motion_from_video.flow_estimator=farneback",
+                    "args.cache_latents=true", "args.train_iters=2", "args.save_interval=2")
+    stage1 = train(cfg, build=training.build_components)
+    after = dit_state(stage1 / "2")
+    changed = {k for k in weights if not torch.equal(weights[k], after[k])}
+    assert any(".fuser_list." in k for k in changed) and any(".attention." in k for k in changed)
+
+
+def test_training_builds_models_without_the_sampling_engine():
+    code = ("import sys; import tora.training; from tora.training import build_components; "
+            "print(sorted(m for m in ('tora.engine', 'tora.sampling', 'tora.acceleration') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO / "sat")),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stderr[-2000:]

@@ -465,7 +465,7 @@ class ArgsConfig:
     force_inference: bool = True
     flow_from_prompt: bool = False
     # -- training (train_video.py; official train_*.yaml names and values) ----------------------
-    experiment_name: str = "tora"  # run folder: <save>/<experiment_name>-MM-DD-HH-MM
+    experiment_name: str = "tora"  # run folder: <save>/<experiment_name>-MM-DD-HH-MM-SS[-k] (new, unique)
     save: str = "outputs/train"  # parent folder of the run folders
     resume: Optional[str] = None  # a run folder: continue it from its 'latest' checkpoint
     # Keep what is a function of the clip alone, per clip, for the rest of the run (device memory):
@@ -484,7 +484,7 @@ class ArgsConfig:
     num_workers: int = 8  # DataLoader worker processes per rank
     save_interval: int = 2000  # a checkpoint every N iterations (and at the end)
     keep_last_checkpoints: int = 0  # delete older checkpoints, keeping the last N (0 = keep all)
-    log_interval: int = 1  # SAT's log line every N iterations (metrics.jsonl gets every step)
+    log_interval: int = 1  # a log line every N iterations (metrics.jsonl gets every step)
     tensorboard: bool = False  # TensorBoard events in <run>/tensorboard
     # Recompute each DiT layer in the backward pass (memory).  The one place of the setting; None =
     # the model config's transformer_args.checkpoint_activations (official model yaml: true).

@@ -28,20 +28,17 @@ import torch
 from omegaconf import DictConfig
 
 from . import acceleration
-from .checkpoint import init_on_device, load_dit_checkpoint, materialize
 from .config import ConfigError
 from .diffusion import (DiscreteDenoiser, NoiseFn, VPSDEDPMPP2MSampler, conditioned_network, gaussian_noise)
 from .dit import DiffusionTransformer, use_compiled_kernels
+# The model factory lives in model_factory.py (shared with training); these names stay importable here.
+from .model_factory import ABOUT_FILE, UNTRAINED_MARKER, build_dit, randomize_  # noqa: F401
 from .runtime import default_dtype, pick_device, rank_pairs
 from .text import GeneralConditioner, build_conditioner
 from .trajectory import draw_trajectories, load_motion_video
 from .vae import VideoAutoencoder, load_vae
 
 logger = logging.getLogger(__name__)
-
-UNTRAINED_MARKER = "UNTRAINED"  # file in a checkpoint folder whose weights are random (tiny demo/CI)
-ABOUT_FILE = "ABOUT"  # file in a checkpoint folder saying what a small trained model is (printed on load)
-
 
 # ----------------------------------------------------------------------------------------------
 # Placement of components on the device
@@ -318,45 +315,3 @@ class ToraEngine:
         frames = ((video[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)  # [F, H, W, 3] in [0, 1]
         frames = (frames * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
         return Generation(frames, latents, tracks, record if record is not None else {})
-
-
-# ----------------------------------------------------------------------------------------------
-# Building the DiT
-# ----------------------------------------------------------------------------------------------
-
-def build_dit(cfg: DictConfig, load: Optional[str], device: torch.device, dtype: torch.dtype,
-              seed: int = 0) -> DiffusionTransformer:
-    """The DiT with weights from ``load`` (a SAT checkpoint), or random weights when ``load`` is None.
-
-    Built on the meta device first, so the full model is never initialised twice in host memory.
-    """
-    with init_on_device("meta"):
-        dit = DiffusionTransformer(cfg.model.network_config.params)
-    dit = materialize(dit, device, dtype)
-    if load is None:
-        randomize_(dit, seed)
-    else:
-        load_dit_checkpoint(dit, load)
-        if (Path(load) / UNTRAINED_MARKER).exists():
-            logger.warning("the DiT checkpoint %s holds RANDOM, UNTRAINED weights (tiny demo model): "
-                           "the video will not show real content", load)
-        elif (Path(load) / ABOUT_FILE).is_file():  # what a small project-trained model is
-            logger.warning("%s: %s", load, (Path(load) / ABOUT_FILE).read_text().strip())
-    return dit.eval()
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights (benchmarks, tiny checkpoints): N(0, std) matrices, unit norms, zero biases."""
-    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if "freqs_" in name:  # rotary tables: derived from the config, not weights
-            continue
-        if not tensor.is_floating_point():
-            tensor.zero_()  # BatchNorm's num_batches_tracked (uninitialised after a meta build)
-        elif name.endswith("running_var") or (tensor.dim() == 1 and name.endswith("weight")):
-            tensor.fill_(1.0)
-        elif name.endswith("running_mean") or tensor.dim() == 1:
-            tensor.zero_()
-        else:
-            tensor.normal_(0.0, std, generator=generator)

@@ -46,9 +46,11 @@ def check_sampling_inputs(cfg: DictConfig, output_subfolders: tuple[str, ...]) -
     check_mode(cfg)
     check_run_settings(args)
     prompts = check_prompts(args)
-    for spec in prompts or []:  # case files: each prompt's own trajectory files
-        for path in [] if args.no_flow_injection else spec.point_paths or []:
-            points.setdefault(path, read_point_file(path, canvas, cfg.trajectory.out_of_canvas))
+    case_files = [] if args.no_flow_injection else [p for spec in prompts or [] for p in spec.point_paths or []]
+    for path in case_files:  # case files: each prompt's own trajectory files
+        points.setdefault(path, read_point_file(path, canvas, cfg.trajectory.out_of_canvas))
+    if case_files and not trajectory_files:  # the frame count must suit trajectories after all
+        check_frames(args.sampling_num_frames, cfg.model.network_config.params, True)
     checkpoint, iteration = resolve_checkpoint(args.load) if args.load else (None, None)
     check_vae_and_t5(cfg)
     check_output_folder(args.output_dir, output_subfolders, what="output folder (--output-dir)")

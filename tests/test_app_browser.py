@@ -1,7 +1,7 @@
 """The trajectory editor end to end in a real headless browser (Debian chromium + chromium-driver,
 Selenium): launch sat/app.py on a free localhost port, draw a track with mouse events, preview,
 generate on the tiny default with 2 steps, check the page's videos and the downloaded point file,
-and save a screenshot to docs/app.png.  Skipped (with the reason) where no browser is installed."""
+and save a screenshot (to docs/app.png with TORA_UPDATE_SCREENSHOT=1).  Skipped (with the reason) where no browser is installed."""
 import json
 import os
 import shutil
@@ -107,7 +107,7 @@ def open_editor(browser, url):
     return canvas
 
 
-def test_draw_preview_generate_download(app_url, browser):
+def test_draw_preview_generate_download(app_url, browser, tmp_path):
     canvas = open_editor(browser, app_url)
     assert "random, untrained weights" in browser.find_element(By.TAG_NAME, "body").text
     # Draw: three clicks, then a freehand stroke, as offsets from the canvas centre (CSS pixels)
@@ -162,7 +162,10 @@ def test_draw_preview_generate_download(app_url, browser):
     outside = [u for u in fetched if not u.startswith((app_url, "data:", "blob:"))]
     assert not outside, f"the page fetched from outside: {outside[:5]}"
     browser.execute_script("window.scrollTo(0, 0)")
-    browser.save_screenshot(str(REPO / "docs/app.png"))
+    # the README's picture: refreshed with TORA_UPDATE_SCREENSHOT=1, else kept out of the tracked tree
+    target = REPO / "docs/app.png" if os.environ.get("TORA_UPDATE_SCREENSHOT") else tmp_path / "app.png"
+    browser.save_screenshot(str(target))
+    assert target.stat().st_size > 10_000
 
 
 def test_bad_uploads_get_a_message(app_url, browser, tmp_path):

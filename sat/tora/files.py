@@ -78,7 +78,8 @@ def no_space_error(folder: Path) -> OutputError:
     return OutputError(f"no space left on {folder} (free some space or choose another folder)")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -134,7 +135,7 @@ class StagedFiles:
         mode = 0o666 & ~current_umask()
         for tmp, final in self.pending:
             try:
-                _fsync(tmp)
+                fsync_path(tmp)
             except OSError as err:
                 raise (no_space_error(final.parent) if disk_full(final.parent, err) else err) from None
             os.chmod(tmp, mode)
@@ -148,7 +149,7 @@ class StagedFiles:
                 final.unlink()
             raise
         for folder in {final.parent for _, final in self.pending}:
-            _fsync(folder)
+            fsync_path(folder)
         self.pending = []
 
     def discard(self) -> None:

@@ -118,24 +118,12 @@ def write_text_durably(path: Path, text: str) -> None:
     write_durably(path, lambda file: file.write(text.encode()))
 
 
-def fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def fsync_tree(folder: Path) -> None:
     """fsync every file and folder below ``folder`` (DeepSpeed writes its files without)."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            descriptor = os.open(Path(root) / name, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        fsync_dir(Path(root))
+    for root, _, names in os.walk(folder):
+        for name in names:
+            files.fsync_path(Path(root) / name)
+        files.fsync_path(Path(root))
 
 
 # torch.save to a path reports a failed write as "[enforce fail at inline_container.cc:...]"
@@ -185,7 +173,7 @@ def commit_checkpoint(run_dir: Path, iteration: int, keep: int) -> list[int]:
         if target.exists():  # from a run that died between these renames and `latest`
             shutil.rmtree(target)
         os.replace(staging / name, target)
-    fsync_dir(run_dir)
+    files.fsync_path(run_dir)
     write_text_durably(run_dir / LATEST, str(iteration))
     staging.rmdir()
     return prune_checkpoints(run_dir, keep)

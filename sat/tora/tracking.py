@@ -2,12 +2,13 @@
 then either the dense flow (stage 1) or the flow along a few tracked keypoints (stage 2).
 
     cfg = config.motion_from_video
-    raft = load_raft(cfg, device)
-    motion_flow = video_motion_flow(video, raft, cfg, generator)       # [F, H, W, 2]
+    raft = load_raft(cfg, device)                        # or None with flow_estimator: farneback
+    motion_video = motion_video_from_clip(video, raft, cfg, config.trajectory, generator)  # [1, 3, F, H, W]
 
-or step by step:
+(the training's motion input: the point files' path of ``tora.trajectory`` for the sparse stage), or
+step by step:
 
-    flows = raft_flows(raft, video, cfg)                # [F-1, H, W, 2]
+    flows = clip_flows(raft, video, cfg)                # [F-1, H, W, 2] (RAFT or Farneback)
     dense = dense_motion_flow(flows)                    # [F, H, W, 2]  (stage "dense")
     tracks = track_keypoints(flows, cfg, generator)     # [F, N, 2]     (stage "sparse")
     sparse = sparse_flow_from_tracks(tracks, H, W)      # [F, H, W, 2]
@@ -24,9 +25,12 @@ to ``tora.trajectory`` and are shared with inference.
 """
 from __future__ import annotations
 
+import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import cv2
 import numpy as np
@@ -37,6 +41,7 @@ from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weigh
 
 from tora.checkpoint import CheckpointNotFoundError
 from tora.config import ConfigError, MotionFromVideoConfig
+from tora.trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
 
 # config name -> (torchvision builder, torchvision's published weights: the file to download)
 RAFT_VARIANTS = {
@@ -253,23 +258,63 @@ def sparse_flow_from_tracks(tracks: Tensor, height: int, width: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Both stages
+# Motion from a training clip (the same motion-video path as sampling)
 # ----------------------------------------------------------------------------------------------
 
-def video_motion_flow(video: Tensor, raft: nn.Module, cfg: MotionFromVideoConfig,
-                      generator: torch.Generator) -> Tensor:
-    """Training motion flow of one clip [F, 3, H, W] in [-1, 1] -> [F, H, W, 2] on RAFT's device.
+RAFT_MIN_SIZE = 128  # RAFT's correlation pyramid needs frames of at least 128 x 128 pixels
 
-    Stage "dense": every RAFT flow.  Stage "sparse": the flow along tracked keypoints, not yet
-    blurred (the official sparse stage blurs it before the flow -> RGB step, see tora.trajectory).
+
+@torch.no_grad()
+def clip_flows(raft: Optional[nn.Module], clip: Tensor, cfg) -> Tensor:
+    """Flows [F-1, H, W, 2] of a clip [F, 3, H, W] in [-1, 1]: :func:`raft_flows`, or
+    :func:`farneback_flows` with ``motion_from_video.flow_estimator: farneback`` (no RAFT).
+
+    Full-size clips go straight through (official).  Frames below RAFT's 128-pixel minimum, or not a
+    multiple of 8 (tiny demo/CI models), are resized (bilinear) for the flow estimate only; the flow
+    is resized back and its vectors rescaled to the clip's pixels.
     """
-    flows = raft_flows(raft, video, cfg)
-    if cfg.stage == "dense":
-        return dense_motion_flow(flows)
-    if cfg.stage == "sparse":
-        _, height, width, _ = flows.shape
-        return sparse_flow_from_tracks(track_keypoints(flows, cfg, generator), height, width)
-    raise ConfigError(f"unknown motion_from_video.stage {cfg.stage!r}; choose 'dense' or 'sparse'")
+    if cfg.flow_estimator == "farneback":
+        return farneback_flows(clip, cfg).to(clip.device)
+    height, width = clip.shape[-2:]
+    scale = max(1.0, RAFT_MIN_SIZE / min(height, width))
+    size = tuple(math.ceil(s * scale / 8) * 8 for s in (height, width))
+    if size == (height, width):
+        return raft_flows(raft, clip, cfg)
+    frames = F.interpolate(clip.float(), size=size, mode="bilinear", align_corners=False)
+    flows = raft_flows(raft, frames, cfg).permute(0, 3, 1, 2)  # [F-1, 2, h', w']
+    flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)
+    ratio = torch.tensor([width / size[1], height / size[0]], device=flows.device)
+    return flows.permute(0, 2, 3, 1) * ratio
+
+
+@torch.no_grad()
+def motion_video_from_clip(clip: Tensor, raft: nn.Module, motion_cfg, trajectory_cfg,
+                           generator: torch.Generator, flows: Optional[Tensor] = None) -> Tensor:
+    """Training motion video [1, 3, F, H, W] in [-1, 1] (the VAE input) of a clip [F, 3, H, W].
+
+    Stage "dense" (``motion_from_video.stage``): [zero flow, F-1 RAFT flows], no blur.  Stage
+    "sparse": keypoints sampled on the first flow and tracked through the others
+    (:func:`track_keypoints`), then rasterised, blurred and coloured by
+    ``trajectory.tracks_to_video`` - the function sampling uses for point files.  Colours are
+    normalised per ``trajectory.flow_image_chunk_frames`` frames in both stages.  ``flows``: the
+    clip's flows when already known (``args.cache_latents``).
+    """
+    flows = clip_flows(raft, clip, motion_cfg) if flows is None else flows
+    if motion_cfg.stage == "dense":
+        return rgb_to_video(flow_to_rgb(dense_motion_flow(flows), trajectory_cfg.flow_image_chunk_frames))
+    if motion_cfg.stage != "sparse":
+        raise ConfigError(f"unknown motion_from_video.stage {motion_cfg.stage!r}; choose 'dense' or 'sparse'")
+    tracks = track_keypoints(flows, motion_cfg, generator)  # [F, N, 2] float (x, y), inside the frame
+    pixels = tracks.round().long().permute(1, 0, 2)  # [N, F, 2]: the format of point-file tracks
+    return tracks_to_video(pixels, tuple(clip.shape[-2:]), trajectory_cfg).video
+
+
+def worker_flows(motion_cfg) -> Optional[Callable[[Tensor], Tensor]]:
+    """The flow function the data-loader workers run for each item: a CPU estimator (Farneback) runs
+    there, in parallel over the workers; RAFT runs on the GPU in ``train_inputs.BatchPreparer``."""
+    if motion_cfg.stage == "none" or motion_cfg.flow_estimator != "farneback":
+        return None
+    return functools.partial(farneback_flows, cfg=motion_cfg)
 
 
 # ----------------------------------------------------------------------------------------------

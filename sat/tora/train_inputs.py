@@ -23,9 +23,7 @@ position of a run are functions of the iteration: a resumed run replays the same
 """
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -34,7 +32,6 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
@@ -43,13 +40,11 @@ from .config import ConfigError
 from .diffusion import gaussian_noise
 from .dit import DiffusionTransformer
 from .model_factory import load_base_weights
-from .tracking import dense_motion_flow, farneback_flows, raft_flows, track_keypoints
-from .trajectory import flow_to_rgb, rgb_to_video, tracks_to_video
+from .tracking import RAFT_MIN_SIZE, clip_flows, motion_video_from_clip, worker_flows  # noqa: F401 (re-exported)
 from .vae import Posterior
 
 logger = logging.getLogger(__name__)
 
-RAFT_MIN_SIZE = 128  # RAFT's correlation pyramid needs frames of at least 128 x 128 pixels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,55 +74,6 @@ class StepRandom:
         cpu = torch.Generator().manual_seed(step_seed(seed, iteration, micro_batch, rank, _CPU))
         dev = torch.Generator(device).manual_seed(step_seed(seed, iteration, micro_batch, rank, _DEVICE))
         return cls(cpu, dev)
-
-
-# ----------------------------------------------------------------------------------------------
-# Motion from a training clip (the same motion-video path as sampling)
-# ----------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def clip_flows(raft: Optional[nn.Module], clip: Tensor, cfg) -> Tensor:
-    """Flows [F-1, H, W, 2] of a clip [F, 3, H, W] in [-1, 1]: ``tracking.raft_flows``, or
-    ``tracking.farneback_flows`` with ``motion_from_video.flow_estimator: farneback`` (no RAFT).
-
-    Full-size clips go straight through (official).  Frames below RAFT's 128-pixel minimum, or not a
-    multiple of 8 (tiny demo/CI models), are resized (bilinear) for the flow estimate only; the flow
-    is resized back and its vectors rescaled to the clip's pixels.
-    """
-    if cfg.flow_estimator == "farneback":
-        return farneback_flows(clip, cfg).to(clip.device)
-    height, width = clip.shape[-2:]
-    scale = max(1.0, RAFT_MIN_SIZE / min(height, width))
-    size = tuple(math.ceil(s * scale / 8) * 8 for s in (height, width))
-    if size == (height, width):
-        return raft_flows(raft, clip, cfg)
-    frames = F.interpolate(clip.float(), size=size, mode="bilinear", align_corners=False)
-    flows = raft_flows(raft, frames, cfg).permute(0, 3, 1, 2)  # [F-1, 2, h', w']
-    flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)
-    ratio = torch.tensor([width / size[1], height / size[0]], device=flows.device)
-    return flows.permute(0, 2, 3, 1) * ratio
-
-
-@torch.no_grad()
-def motion_video_from_clip(clip: Tensor, raft: nn.Module, motion_cfg, trajectory_cfg,
-                           generator: torch.Generator, flows: Optional[Tensor] = None) -> Tensor:
-    """Training motion video [1, 3, F, H, W] in [-1, 1] (the VAE input) of a clip [F, 3, H, W].
-
-    Stage "dense" (``motion_from_video.stage``): [zero flow, F-1 RAFT flows], no blur.  Stage
-    "sparse": keypoints sampled on the first flow and tracked through the others
-    (``tracking.track_keypoints``), then rasterised, blurred and coloured by
-    ``trajectory.tracks_to_video`` - the function sampling uses for point files.  Colours are
-    normalised per ``trajectory.flow_image_chunk_frames`` frames in both stages.  ``flows``: the
-    clip's flows when already known (``args.cache_latents``).
-    """
-    flows = clip_flows(raft, clip, motion_cfg) if flows is None else flows
-    if motion_cfg.stage == "dense":
-        return rgb_to_video(flow_to_rgb(dense_motion_flow(flows), trajectory_cfg.flow_image_chunk_frames))
-    if motion_cfg.stage != "sparse":
-        raise ConfigError(f"unknown motion_from_video.stage {motion_cfg.stage!r}; choose 'dense' or 'sparse'")
-    tracks = track_keypoints(flows, motion_cfg, generator)  # [F, N, 2] float (x, y), inside the frame
-    pixels = tracks.round().long().permute(1, 0, 2)  # [N, F, 2]: the format of point-file tracks
-    return tracks_to_video(pixels, tuple(clip.shape[-2:]), trajectory_cfg).video
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,14 +267,6 @@ class StepBatchSampler(Sampler):
         while True:
             yield self.micro_batch(index)
             index += 1
-
-
-def worker_flows(motion_cfg) -> Optional[Callable[[Tensor], Tensor]]:
-    """The flow function the data-loader workers run for each item: a CPU estimator (Farneback) runs
-    there, in parallel over the workers; RAFT runs on the GPU in :class:`BatchPreparer`."""
-    if motion_cfg.stage == "none" or motion_cfg.flow_estimator != "farneback":
-        return None
-    return functools.partial(farneback_flows, cfg=motion_cfg)
 
 
 class EpochKeyed(Dataset):

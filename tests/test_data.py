@@ -281,6 +281,20 @@ def test_corrupt_and_short_clips_are_replaced_with_one_warning(tmp_path, caplog)
     assert "cannot open" in broken and "too short" in short
 
 
+def test_a_corrupt_clip_prints_the_project_warning_only(tmp_path, capfd, caplog):
+    """decord and ffmpeg print their own lines about an unreadable file on the process's stderr; the
+    project's one warning names the clip, so theirs are silenced."""
+    data_dir = make_data_dir(tmp_path, {"good": (30, 8)})
+    write_garbage(data_dir / "videos" / "broken.mp4")
+    dataset = SFTDataset(data_dir, small_params())
+    broken = [clip.video.stem for clip in dataset.clips].index("broken")
+    with caplog.at_level(logging.WARNING):
+        assert dataset[broken]["txt"] == "caption of good"
+    printed = capfd.readouterr()
+    assert "moov atom" not in printed.err and "video_reader.cc" not in printed.err, printed.err
+    assert "cannot open" in warnings_about(caplog, "broken.mp4")[0]
+
+
 def test_all_bad_folder_is_a_clear_error(tmp_path, caplog):
     for name in "abc":
         write_garbage(tmp_path / "videos" / f"{name}.mp4")

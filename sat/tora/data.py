@@ -33,6 +33,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .errors import ToraError
+from .logs import native_stderr_silenced
 from tora.config import ConfigError, DataParams
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,8 @@ def to_model_range(frames: Tensor) -> Tensor:
 def read_clip_frames(path: Path, params: DataParams, rng: np.random.Generator) -> Tensor:
     """The sampled frames of one mp4 (decord), uint8 [n, 3, h, w], n <= max_num_frames."""
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        with native_stderr_silenced():  # decord's own error lines: the UnusableClip warning says it
+            reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
         num_source_frames, source_fps = len(reader), reader.get_avg_fps()
     except (RuntimeError, decord.DECORDError) as err:
         raise UnusableClip(f"cannot open: {str(err).splitlines()[0]}") from None
@@ -175,7 +177,8 @@ def read_clip_frames(path: Path, params: DataParams, rng: np.random.Generator) -
         raise UnusableClip(f"invalid frame rate {source_fps}")
     indices = sample_frame_indices(num_source_frames, source_fps, params, rng)
     try:
-        frames = reader.get_batch(indices).asnumpy()  # [n, h, w, 3]
+        with native_stderr_silenced():
+            frames = reader.get_batch(indices).asnumpy()  # [n, h, w, 3]
     except (RuntimeError, decord.DECORDError) as err:
         raise UnusableClip(f"cannot decode: {str(err).splitlines()[0]}") from None
     return torch.from_numpy(frames).permute(0, 3, 1, 2)

@@ -8,8 +8,10 @@ first; a variable already set by the user wins (``SAT_LOGLEVEL=INFO`` brings SAT
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
 
 LIBRARY_ENVIRONMENT = {
@@ -34,3 +36,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     """The project's log format; SAT's logger keeps its own handler (no double lines)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("sat").propagate = False
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Silence what C libraries print straight to file descriptor 2 (ffmpeg and decord report a clip
+    they cannot read there) for the duration; the caller reports the problem in its own words."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

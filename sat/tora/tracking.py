@@ -4,9 +4,10 @@ then either the dense flow (stage 1) or the flow along a few tracked keypoints (
     cfg = config.motion_from_video
     raft = load_raft(cfg, device)                        # or None with flow_estimator: farneback
     motion_video = motion_video_from_clip(video, raft, cfg, config.trajectory, generator)  # [1, 3, F, H, W]
+    motion_flow = video_motion_flow(video, raft, cfg, generator)       # [F, H, W, 2] (RAFT, unblurred)
 
-(the training's motion input: the point files' path of ``tora.trajectory`` for the sparse stage), or
-step by step:
+(the first is the training's motion input: the point files' path of ``tora.trajectory`` for the
+sparse stage), or step by step:
 
     flows = clip_flows(raft, video, cfg)                # [F-1, H, W, 2] (RAFT or Farneback)
     dense = dense_motion_flow(flows)                    # [F, H, W, 2]  (stage "dense")
@@ -255,6 +256,26 @@ def sparse_flow_from_tracks(tracks: Tensor, height: int, width: int) -> Tensor:
     for point in range(num_points):  # one point at a time keeps "later overwrites" deterministic
         motion_flow[target_frame, pixel[:, point, 1], pixel[:, point, 0]] = step[:, point]
     return motion_flow
+
+
+# ----------------------------------------------------------------------------------------------
+# Both stages
+# ----------------------------------------------------------------------------------------------
+
+def video_motion_flow(video: Tensor, raft: nn.Module, cfg: MotionFromVideoConfig,
+                      generator: torch.Generator) -> Tensor:
+    """Training motion flow of one clip [F, 3, H, W] in [-1, 1] -> [F, H, W, 2] on RAFT's device.
+
+    Stage "dense": every RAFT flow.  Stage "sparse": the flow along tracked keypoints, not yet
+    blurred (the official sparse stage blurs it before the flow -> RGB step, see tora.trajectory).
+    """
+    flows = raft_flows(raft, video, cfg)
+    if cfg.stage == "dense":
+        return dense_motion_flow(flows)
+    if cfg.stage == "sparse":
+        _, height, width, _ = flows.shape
+        return sparse_flow_from_tracks(track_keypoints(flows, cfg, generator), height, width)
+    raise ConfigError(f"unknown motion_from_video.stage {cfg.stage!r}; choose 'dense' or 'sparse'")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -198,20 +198,16 @@ class Recipe:
                 "last_loss_mean50": sum(losses[-50:]) / max(1, len(losses[-50:]))}
 
     def stage_export(self):
-        """models/small/{t2v,i2v,vae,t5}: bf16 DiTs and fp16 VAE (half the bytes; the loaders cast), the
-        ABOUT note the engine prints, and the VAE's scale factor written into tora_small.yaml."""
-        import torch
+        """models/small/{t2v,i2v,vae,t5}: the bf16 DiTs and fp16 VAE of the products (half the bytes; the
+        loaders cast), the ABOUT note the engine prints, and the VAE's scale factor in tora_small.yaml."""
         models = self.args.models
         report = json.loads((self.product("vae") / "vae_report.json").read_text())
         about = ABOUT.format(date=time.strftime("%Y-%m-%d"))
         sizes = {}
-        for name, stage, dtype in [("t2v", "sparse", torch.bfloat16), ("i2v", "i2v", torch.bfloat16)]:
-            state = torch.load(self.products / stage / "mp_rank_00_model_states.pt", map_location="cpu",
-                               weights_only=True)
-            state["module"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state["module"].items()}
+        for name, stage in [("t2v", "sparse"), ("i2v", "i2v")]:  # products are bf16 already
             target = models / name / "mp_rank_00_model_states.pt"
             target.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"module": state["module"]}, target)
+            shutil.copy(self.products / stage / "mp_rank_00_model_states.pt", target)
             sizes[name] = target.stat().st_size
         sizes["vae"] = (models / "vae" / "3d-vae.pt").stat().st_size  # fp16 since the vae stage
         sizes["t5"] = sum(p.stat().st_size for p in (models / "t5").iterdir())
@@ -226,45 +222,44 @@ class Recipe:
         return {"bytes": sizes, "total_mib": round(sum(sizes.values()) / 2 ** 20, 2),
                 "scale_factor": round(report["scale_factor"], 4)}
 
+    def first_cases(self, source: Path, count: int, target: Path) -> Path:
+        """The first ``count`` cases of a held-out case file, its relative paths made absolute."""
+        folder = source.parent
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lines = source.read_text().splitlines(True)[:count]
+        target.write_text("".join(lines).replace('"points/', f'"{folder}/points/').replace('"images/', f'"{folder}/images/'))
+        return target
+
+    def sample(self, models: list[str], load: Path, cases: Path, out: Path, *extra: str) -> float:
+        """One sample_video.py run over a case file; returns its minutes."""
+        cmd = [PY, "sat/sample_video.py", "--base", *models, "configs/tora/inference.yaml", "--load", load,
+               "--input-file", cases, "--output-dir", out, *extra, *self.common_overrides()]
+        if self.args.smoke:
+            cmd.append("model.sampler_config.params.num_steps=2")
+        start = time.time()
+        self.run(cmd)
+        return round((time.time() - start) / 60, 2)
+
     def stage_eval(self):
         """Held-out cases sampled with and without motion, T2V and I2V, from the exported model."""
         held_out = self.data / "held_out"
-        shutil.rmtree(self.work / "eval", ignore_errors=True)  # a re-run must not pair with -1 suffixed leftovers
+        eval_dir = self.work / "eval"
+        shutil.rmtree(eval_dir, ignore_errors=True)  # a re-run must not pair with -1 suffixed leftovers
         record = {}
-        for mode, cases, models, load in [("t2v", "cases_t2v.jsonl", [SMALL], "t2v"),
-                                          ("i2v", "cases_i2v.jsonl", [SMALL, SMALL_I2V], "i2v")]:
+        for mode, models, extra in [("t2v", [SMALL], []), ("i2v", [SMALL, SMALL_I2V], ["--image2video"])]:
+            cases = held_out / f"cases_{mode}.jsonl"
             count = self.args.eval_cases.get(mode, 0)
             if count:  # the first `count` cases only
-                subset = self.work / "eval" / f"{mode}_cases.jsonl"
-                subset.parent.mkdir(parents=True, exist_ok=True)
-                subset.write_text("".join((held_out / cases).read_text().splitlines(True)[:count]).replace(
-                    '"points/', f'"{held_out}/points/').replace('"images/', f'"{held_out}/images/'))
-                cases = subset
+                cases = self.first_cases(cases, count, eval_dir / f"{mode}_cases.jsonl")
             for motion in (True, False):
-                out = self.work / "eval" / (mode if motion else f"{mode}_nomotion")
-                cmd = [PY, "sat/sample_video.py", "--base", *models, "configs/tora/inference.yaml",
-                       "--load", self.args.models / load, "--input-file", held_out / cases, "--output-dir", out,
-                       *self.common_overrides()]
-                if mode == "i2v":
-                    cmd.append("--image2video")
-                if not motion:
-                    cmd.append("--no-flow-injection")
-                if self.args.smoke:
-                    cmd.append("model.sampler_config.params.num_steps=2")
-                start = time.time()
-                self.run(cmd)
-                record[out.name] = {"minutes": round((time.time() - start) / 60, 2)}
+                name = mode if motion else f"{mode}_nomotion"
+                no_motion = [] if motion else ["--no-flow-injection"]
+                minutes = self.sample(models, self.args.models / mode, cases, eval_dir / name, *extra, *no_motion)
+                record[name] = {"minutes": minutes}
         # TrajError against training: the first 8 T2V cases through each stage's product (motion on)
-        subset = self.work / "eval" / "curve_cases.jsonl"
-        subset.write_text("".join((held_out / "cases_t2v.jsonl").read_text().splitlines(True)[:8]).replace(
-            '"points/', f'"{held_out}/points/'))
+        curve = self.first_cases(held_out / "cases_t2v.jsonl", 8, eval_dir / "curve_cases.jsonl")
         for stage in [s for s in ("t2v_base", "dense", "sparse") if (self.products / s).is_dir()]:
-            cmd = [PY, "sat/sample_video.py", "--base", SMALL, "configs/tora/inference.yaml", "--load",
-                   self.products / stage, "--input-file", subset, "--output-dir", self.work / "eval" / f"curve_{stage}",
-                   *self.common_overrides()]
-            if self.args.smoke:
-                cmd.append("model.sampler_config.params.num_steps=2")
-            self.run(cmd)
+            self.sample([SMALL], self.products / stage, curve, eval_dir / f"curve_{stage}")
         if self.args.out:  # the videos (and their trajectory records): scored by scripts/eval_traj.py
             subprocess.run(["tar", "-C", self.work, "-cf", self.args.out / "eval.tar", "eval"], check=True)
         return record
